@@ -1,0 +1,67 @@
+"""Input validation shared by the launchers: every check raises before any launch and names the argument."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from kernels import _runtime
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_DTYPES = (torch.float8_e4m3fn,)
+
+
+def tensor(name: str, t: object, ndim: int | None = None, dtypes: Iterable[torch.dtype] | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    _runtime.check_device(name, t)
+
+
+def same_device(**tensors: torch.Tensor) -> None:
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def same_dtype(**tensors: torch.Tensor) -> None:
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
+
+
+def head_dim(name: str, d: int, supported: Iterable[int]) -> None:
+    supported = tuple(supported)
+    if d not in supported:
+        raise ValueError(f"{name} has head_dim {d}; supported head dims are {supported}")
+
+
+def gqa(num_q_heads: int, num_kv_heads: int) -> None:
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads != 0:
+        raise ValueError(f"num_q_heads ({num_q_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
+
+
+def positive_float(name: str, value: float | None) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and value > 0 and value == value):
+        raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+
+
+def window(value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"window must be an int >= 1 or None, got {value!r}")
+
+
+def last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.numel() > 0 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride in its last (head_dim) dimension, got strides {t.stride()}")

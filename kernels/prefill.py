@@ -1,0 +1,450 @@
+"""Prefill attention: FlashAttention forward over packed variable-length batches, causal, GQA.
+
+The algorithm (FlashAttention-2's forward, in Triton). Each program owns one tile of BLOCK_M query rows of one
+query head of one sequence, keeps those rows in registers, and streams the sequence's keys and values past them in
+tiles of BLOCK_N, updating an online softmax (running max ``m``, running denominator ``l``, fp32 accumulator) so
+the (Lq, Lk) score matrix never exists in memory. Work per program is O(BLOCK_M · Lk · D) tensor-core FLOPs for
+O((BLOCK_M + Lk) · D) bytes: compute-bound for any prompt longer than a few hundred tokens.
+
+Design points, each there for speed on Hopper/Ampere:
+- scores in the log2 domain: ``sm_scale · log2(e)`` is folded into one multiply and ``exp2`` is used throughout;
+- the key range of a query tile is split into at most three segments: a masked head (the window's lower edge),
+  an unmasked body where no mask is computed at all, and a masked tail (the causal diagonal and the sequence
+  end). Tiles that are fully masked are never visited;
+- GQA: query head h reads KV head ``h // (Hq // Hkv)``; KV is never repeated in memory, and the grid puts the
+  query heads of one KV head next to each other so their K/V tiles are served from L2;
+- longest-first: with causal masking the query tiles near the end of a sequence do the most work, so they are
+  launched first, which shortens the tail where few SMs are busy;
+- head dims that are not powers of two (96, 192) are padded inside the kernel with masked loads;
+- tile shapes, warps and pipeline stages are autotuned per (head_dim, causal, dtype, sequence-length bucket).
+
+Layout: q (total_q, Hq, D), k/v (total_k, Hkv, D), any strides; cu_seqlens int32 (batch + 1,). Causal masking is
+aligned bottom-right (query i of a sequence sees key j iff j <= i + Lk - Lq), as in FlashAttention >= 2.1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _runtime, _validate
+from kernels._jit import LOG2E, online_softmax_step, scale_scores, softmax_finish
+
+HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+MAX_GRID_YZ = 65535
+
+
+@triton.jit
+def _attend_segment(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_kd,
+    stride_vt,
+    stride_vd,
+    start,
+    end,
+    seqlen_k,
+    rows,
+    diag,
+    window,
+    qk_scale,
+    softcap,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Fold keys [start, end) into the running softmax of the query tile. ``rows`` are the tile's query indices,
+    ``diag`` = Lk - Lq. With MASKED the sequence end, the causal diagonal and the window's edge are applied."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in tl.range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        k_ptrs = k_base + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :] * stride_vd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=d_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
+        elif HEAD_DIM != BLOCK_D:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = scale_scores(tl.dot(q, k, input_precision=PRECISION), qk_scale, softcap, HAS_SOFTCAP)
+        if MASKED:
+            visible = cols[None, :] < seqlen_k
+            if CAUSAL:
+                visible &= cols[None, :] <= rows[:, None] + diag
+            if HAS_WINDOW:
+                visible &= cols[None, :] > rows[:, None] + diag - window
+            s = tl.where(visible, s, float("-inf"))
+        p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, s, MASKED)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=d_ok[None, :] & (cols[:, None] < seqlen_k), other=0.0)
+        elif HEAD_DIM != BLOCK_D:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    num_q_heads,
+    qk_scale,
+    softcap,
+    window,
+    seqlen_bucket,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    head = tl.program_id(0)
+    seq = tl.program_id(1)
+    m_block = tl.num_programs(2) - 1 - tl.program_id(2)  # longest-first under causal masking
+    q_start = tl.load(cu_seqlens_q + seq)
+    seqlen_q = tl.load(cu_seqlens_q + seq + 1) - q_start
+    m0 = m_block * BLOCK_M
+    if m0 >= seqlen_q:
+        return
+    k_start = tl.load(cu_seqlens_k + seq)
+    seqlen_k = tl.load(cu_seqlens_k + seq + 1) - k_start
+    diag = seqlen_k - seqlen_q
+
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < seqlen_q
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + (q_start + rows)[:, None].to(tl.int64) * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    kv_head = head // GROUP
+    k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+
+    # Key range [lo, hi) this tile needs, and the unmasked body [body_lo, body_hi) inside it (see module doc).
+    last_row = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
+    hi = seqlen_k
+    body_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi = tl.minimum(hi, last_row + diag + 1)
+        body_hi = tl.minimum(body_hi, (tl.maximum(m0 + diag + 1, 0) // BLOCK_N) * BLOCK_N)
+    lo = 0
+    body_lo = 0
+    if HAS_WINDOW:
+        lo = (tl.maximum(m0 + diag - window + 1, 0) // BLOCK_N) * BLOCK_N
+        body_lo = tl.cdiv(tl.maximum(last_row + diag - window + 1, 0), BLOCK_N) * BLOCK_N
+    split_a = tl.minimum(tl.maximum(body_lo, lo), hi)
+    split_b = tl.minimum(tl.maximum(body_hi, split_a), hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_WINDOW:
+        acc, m_i, l_i = _attend_segment(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_kd,
+            stride_vt,
+            stride_vd,
+            lo,
+            split_a,
+            seqlen_k,
+            rows,
+            diag,
+            window,
+            qk_scale,
+            softcap,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+            True,
+            CAUSAL,
+            HAS_WINDOW,
+            HAS_SOFTCAP,
+            PRECISION,
+        )
+    acc, m_i, l_i = _attend_segment(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_kd,
+        stride_vt,
+        stride_vd,
+        split_a,
+        split_b,
+        seqlen_k,
+        rows,
+        diag,
+        window,
+        qk_scale,
+        softcap,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        False,
+        CAUSAL,
+        HAS_WINDOW,
+        HAS_SOFTCAP,
+        PRECISION,
+    )
+    acc, m_i, l_i = _attend_segment(
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_kd,
+        stride_vt,
+        stride_vd,
+        split_b,
+        hi,
+        seqlen_k,
+        rows,
+        diag,
+        window,
+        qk_scale,
+        softcap,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        True,
+        CAUSAL,
+        HAS_WINDOW,
+        HAS_SOFTCAP,
+        PRECISION,
+    )
+
+    out, lse = softmax_finish(acc, m_i, l_i)
+    o_ptrs = Out + (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if STORE_LSE:
+        tl.store(Lse + (q_start + rows).to(tl.int64) * num_q_heads + head, lse, mask=row_ok)
+
+
+def _configs() -> list[triton.Config]:
+    if _runtime.INTERPRET:  # the interpreter runs one config; big tiles mean few programs, which is what is slow
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    configs = []
+    for bm, bn, warps, stages in [
+        (128, 128, 8, 3),
+        (128, 64, 8, 3),
+        (128, 64, 4, 3),
+        (128, 128, 8, 2),
+        (128, 64, 8, 4),
+        (64, 64, 4, 3),
+        (64, 128, 4, 3),
+        (128, 32, 4, 3),
+        (64, 32, 4, 2),
+    ]:
+        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles whose shared-memory footprint cannot fit (large head dims), keep everything else."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    elem = named_args["Q"].element_size()
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        smem = (bm * block_d + c.num_stages * 2 * bn * block_d) * elem
+        if smem <= 200 * 1024 and not (block_d >= 256 and bm * bn > 128 * 64):
+            kept.append(c)
+    return kept or configs[-1:]
+
+
+_kernel = triton.autotune(
+    configs=_configs(),
+    key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "seqlen_bucket", "GROUP"],
+    prune_configs_by={"early_config_prune": _prune} if not _runtime.INTERPRET else None,
+)(_prefill_kernel)
+
+
+def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int) -> int:
+    """Copy cu_seqlens to the host, check its values, return the longest sequence."""
+    host = cu.cpu().long()
+    if int(host[0]) != 0:
+        raise ValueError(f"{name} must start at 0, got {int(host[0])}")
+    lengths = host[1:] - host[:-1]
+    if bool((lengths < 0).any()):
+        raise ValueError(f"{name} must be non-decreasing, got {host.tolist()[:16]}")
+    if int(host[-1]) != total:
+        raise ValueError(f"{name} must end at the token count {total}, got {int(host[-1])}")
+    return int(lengths.max()) if lengths.numel() else 0
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention forward over a packed variable-length batch.
+
+    Args:
+        q: (total_q, num_q_heads, head_dim), float16 / bfloat16 / float32.
+        k, v: (total_k, num_kv_heads, head_dim), same dtype and device as q; num_q_heads must be a multiple of
+            num_kv_heads (GQA; MQA when num_kv_heads == 1). Any strides.
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) offsets into the token dimension, starting at 0 and ending
+            at total_q / total_k. Sequences of length 0 are allowed.
+        causal: bottom-right aligned causal mask (query i sees key j iff j <= i + Lk - Lq).
+        sm_scale: softmax scale, default 1/sqrt(head_dim).
+        window: sliding window (requires causal): a query at position p = i + Lk - Lq sees keys p - window < j <= p.
+        softcap: logits become softcap * tanh(logits / softcap) after scaling.
+        return_lse: also return the natural-log log-sum-exp, float32 (total_q, num_q_heads).
+        max_seqlen_q, max_seqlen_k: the longest query/key lengths. When both are given the launcher makes no
+            device-to-host sync (CUDA-graph capturable) and does not check cu_seqlens' values (set
+            ``kernels.set_debug(True)`` to check them anyway).
+
+    Returns:
+        out (total_q, num_q_heads, head_dim) in q's dtype, contiguous; with ``return_lse`` also the LSE. Query rows
+        that see no key (Lq > Lk under causal masking) get out = 0 and lse = -inf.
+
+    Raises:
+        TypeError / ValueError before any launch, naming the argument, for malformed input.
+    """
+    _validate.tensor("q", q, 3, _validate.FLOAT_DTYPES)
+    _validate.tensor("k", k, 3, _validate.FLOAT_DTYPES)
+    _validate.tensor("v", v, 3, _validate.FLOAT_DTYPES)
+    _validate.same_dtype(q=q, k=k, v=v)
+    _validate.same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    total_q, num_q_heads, head_dim = q.shape
+    total_k, num_kv_heads, _ = k.shape
+    if k.shape[2] != head_dim or v.shape[2] != head_dim:
+        raise ValueError(f"head_dim mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    _validate.head_dim("q", head_dim, HEAD_DIMS)
+    _validate.gqa(num_q_heads, num_kv_heads)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _validate.tensor(name, cu, 1, (torch.int32,))
+        if cu.numel() < 1:
+            raise ValueError(f"{name} must have batch + 1 >= 1 entries")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k has {cu_seqlens_k.numel()}; "
+            "both must be batch + 1"
+        )
+    batch = cu_seqlens_q.numel() - 1
+    if batch > MAX_GRID_YZ:
+        raise ValueError(f"batch must be at most {MAX_GRID_YZ} sequences per call, got {batch}")
+    _validate.positive_float("sm_scale", sm_scale)
+    _validate.positive_float("softcap", softcap)
+    _validate.window(window)
+    if window is not None and not causal:
+        raise ValueError("window requires causal=True (a sliding window is a causal mask with a lower edge)")
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if value is not None and (not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
+
+    if max_seqlen_q is None or max_seqlen_k is None or _runtime.values_checkable(cu_seqlens_q):
+        longest_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q)
+        longest_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k)
+        for name, given, actual in (
+            ("max_seqlen_q", max_seqlen_q, longest_q),
+            ("max_seqlen_k", max_seqlen_k, longest_k),
+        ):
+            if given is not None and given < actual:
+                raise ValueError(f"{name}={given} is shorter than the longest sequence ({actual})")
+        max_seqlen_q = longest_q if max_seqlen_q is None else max_seqlen_q
+
+    out = _runtime.empty((total_q, num_q_heads, head_dim), q.dtype, q.device)
+    lse = _runtime.empty((total_q, num_q_heads) if return_lse else (1,), torch.float32, q.device)
+    if total_q > 0 and batch > 0 and max_seqlen_q > 0:
+        scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+        block_d = triton.next_power_of_2(head_dim)
+
+        def grid(meta):
+            m_blocks = triton.cdiv(max_seqlen_q, meta["BLOCK_M"])
+            if m_blocks > MAX_GRID_YZ:
+                raise ValueError(f"max_seqlen_q={max_seqlen_q} needs more than {MAX_GRID_YZ} query tiles")
+            return (num_q_heads, batch, m_blocks)
+
+        _kernel[grid](
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *out.stride(),
+            num_q_heads,
+            scale * LOG2E,
+            float(softcap or 0.0),
+            int(window or 0),
+            min(triton.next_power_of_2(max(max_seqlen_q, 1)), 16384),
+            GROUP=num_q_heads // num_kv_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            CAUSAL=bool(causal),
+            HAS_WINDOW=window is not None,
+            HAS_SOFTCAP=softcap is not None,
+            STORE_LSE=return_lse,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        )
+    elif return_lse:
+        lse.fill_(float("-inf"))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,247 @@
+"""prefill_attention against the float64 reference: varlen, causal (bottom-right), GQA, window, softcap."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kernels import prefill_attention
+from kernels.reference import prefill_attention_ref
+from tests.util import DEVICE, TOL, cu_seqlens, randn, rel_err
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def run_case(gen, lens_q, lens_k, hq, hkv, d, dtype, **kw):
+    q = randn(sum(lens_q), hq, d, dtype=dtype, generator=gen)
+    k = randn(sum(lens_k), hkv, d, dtype=dtype, generator=gen)
+    v = randn(sum(lens_k), hkv, d, dtype=dtype, generator=gen)
+    cq, ck = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    out, lse = prefill_attention(q, k, v, cq, ck, return_lse=True, **kw)
+    ref, ref_lse = prefill_attention_ref(q, k, v, cq, ck, **kw)
+    assert out.shape == q.shape and out.dtype == dtype and lse.dtype == torch.float32
+    tol = TOL[dtype]
+    assert rel_err(out, ref) < tol, rel_err(out, ref)
+    assert rel_err(lse, ref_lse) < tol, rel_err(lse, ref_lse)
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 192, 256])
+def test_head_dims_and_dtypes(gen, dtype, head_dim):
+    run_case(gen, [37, 0, 100], [37, 0, 100], 4, 2, head_dim, dtype, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_lengths_at_and_around_block_edges(gen, dtype, causal):
+    lens = [1, 63, 64, 65, 128, 129, 0, 2]
+    run_case(gen, lens, lens, 2, 1, 64, dtype, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fewer_queries_than_keys_is_bottom_right_causal(gen, dtype):
+    # A chunked-prefill / prefix-cache shape: the queries are the last Lq of Lk positions.
+    run_case(gen, [1, 17, 64, 70], [50, 17, 200, 300], 4, 4, 64, dtype, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_more_queries_than_keys_gives_empty_rows(gen, dtype):
+    out, lse = run_case(gen, [20, 90], [5, 10], 2, 2, 64, dtype, causal=True)
+    # Query i of a sequence sees keys j <= i + Lk - Lq: the first Lq - Lk rows see nothing.
+    assert torch.all(out[:15].float() == 0) and torch.all(torch.isneginf(lse[:15]))
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gqa_ratios(gen, group, dtype):
+    run_case(gen, [33, 80], [33, 80], 2 * group, 2, 64, dtype, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mqa(gen, dtype):
+    run_case(gen, [70, 9], [70, 9], 8, 1, 128, dtype, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [1, 16, 63, 64, 100, 1000])
+def test_sliding_window(gen, dtype, window):
+    run_case(gen, [150, 1, 64], [150, 1, 64], 2, 1, 64, dtype, causal=True, window=window)
+
+
+def test_sliding_window_with_fewer_queries_than_keys(gen):
+    run_case(gen, [40, 3], [230, 100], 2, 1, 64, torch.float32, causal=True, window=70)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_softcap(gen, dtype, causal):
+    run_case(gen, [90, 30], [90, 30], 2, 2, 64, dtype, causal=causal, softcap=3.0, sm_scale=0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_causal_cross_lengths(gen, dtype):
+    run_case(gen, [10, 100, 0], [130, 7, 5], 4, 2, 96, dtype, causal=False)
+
+
+def test_custom_scale(gen):
+    run_case(gen, [70], [70], 2, 2, 32, torch.float32, sm_scale=0.05)
+
+
+def test_strided_inputs_are_read_correctly(gen):
+    # q, k, v as views into one packed qkv projection (non-contiguous head stride), and a transposed copy whose
+    # head_dim stride is not 1: both must give the same answer as contiguous inputs.
+    total, hq, hkv, d = 75, 4, 2, 64
+    qkv = randn(total, hq + 2 * hkv, d, dtype=torch.float32, generator=gen)
+    q, k, v = qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
+    cu = cu_seqlens([30, 45])
+    ref, _ = prefill_attention_ref(q, k, v, cu, cu)
+    assert rel_err(prefill_attention(q, k, v, cu, cu), ref) < 1e-5
+    q_t = q.transpose(0, 2).contiguous().transpose(0, 2)  # strides (1, total, total*hq)
+    assert q_t.stride(-1) != 1
+    assert rel_err(prefill_attention(q_t, k, v, cu, cu), ref) < 1e-5
+
+
+def test_lse_merges_two_key_halves(gen):
+    # The LSE is natural-log: attention over [keys A ∪ keys B] = merge of the two partial attentions.
+    q = randn(1, 2, 64, dtype=torch.float32, generator=gen)
+    k = randn(100, 2, 64, dtype=torch.float32, generator=gen)
+    v = randn(100, 2, 64, dtype=torch.float32, generator=gen)
+    one = cu_seqlens([1])
+    full = prefill_attention(q, k, v, one, cu_seqlens([100]), causal=False)
+    oa, la = prefill_attention(q, k[:60], v[:60], one, cu_seqlens([60]), causal=False, return_lse=True)
+    ob, lb = prefill_attention(q, k[60:], v[60:], one, cu_seqlens([40]), causal=False, return_lse=True)
+    lse = torch.logaddexp(la, lb)
+    merged = oa * torch.exp(la - lse)[..., None] + ob * torch.exp(lb - lse)[..., None]
+    assert rel_err(merged, full) < 1e-5
+
+
+def test_max_seqlen_hints(gen):
+    lens = [10, 90]
+    q = randn(100, 2, 64, dtype=torch.float32, generator=gen)
+    cu = cu_seqlens(lens)
+    ref = prefill_attention(q, q, q, cu, cu)
+    hinted = prefill_attention(q, q, q, cu, cu, max_seqlen_q=90, max_seqlen_k=90)
+    assert torch.equal(ref, hinted)
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        prefill_attention(q, q, q, cu, cu, max_seqlen_q=50, max_seqlen_k=90)
+
+
+def test_empty_batch_and_zero_tokens():
+    q = torch.empty(0, 2, 64, device=DEVICE)
+    cu = cu_seqlens([0, 0])
+    out, lse = prefill_attention(q, q, q, cu, cu, return_lse=True)
+    assert out.shape == (0, 2, 64) and lse.shape == (0, 2)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lens=st.lists(st.tuples(st.integers(0, 140), st.integers(0, 60)), min_size=1, max_size=4),
+    group=st.sampled_from([1, 2, 4]),
+    head_dim=st.sampled_from([32, 64, 96]),
+    causal=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 90)),
+)
+def test_random_shapes_property(gen, lens, group, head_dim, causal, window):
+    # Key lengths are query lengths plus a random prefix, as in chunked prefill over a cached prefix.
+    lens_q = [lq for lq, _ in lens]
+    lens_k = [lq + extra for lq, extra in lens]
+    run_case(
+        gen,
+        lens_q,
+        lens_k,
+        2 * group,
+        2,
+        head_dim,
+        torch.float32,
+        causal=causal or window is not None,
+        window=window,
+    )
+
+
+# --- bad input: a clear error naming the argument, before any launch --------------------------------------
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    import kernels.prefill as prefill
+
+    class Trap:
+        def __getitem__(self, grid):
+            raise AssertionError("kernel launched on invalid input")
+
+    monkeypatch.setattr(prefill, "_kernel", Trap())
+
+
+def _valid(dtype=torch.float32):
+    q = torch.randn(10, 4, 64, device=DEVICE).to(dtype)
+    k = torch.randn(10, 2, 64, device=DEVICE).to(dtype)
+    return q, k, k.clone(), cu_seqlens([4, 6]), cu_seqlens([4, 6])
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda a: (a[0][0], *a[1:]), ValueError, "q must have 3 dimensions"),
+        (lambda a: (a[0], a[1][..., :32], a[2][..., :32], *a[3:]), ValueError, "head_dim mismatch"),
+        (lambda a: (a[0][:, :3], *a[1:]), ValueError, "multiple of num_kv_heads"),
+        (lambda a: (a[0].half(), *a[1:]), TypeError, "dtype"),
+        (lambda a: (*a[:3], a[3].long(), a[4]), TypeError, "cu_seqlens_q must have dtype"),
+        (
+            lambda a: (
+                *a[:3],
+                cu_seqlens([6, 4]) * 0 + torch.tensor([0, 7, 6], dtype=torch.int32, device=DEVICE),
+                a[4],
+            ),
+            ValueError,
+            "non-decreasing",
+        ),
+        (lambda a: (*a[:3], cu_seqlens([4, 6, 0]), a[4]), ValueError, "batch \\+ 1"),
+        (lambda a: (*a[:3], cu_seqlens([4, 5]), a[4]), ValueError, "must end at the token count 10"),
+        (lambda a: (*a[:3], cu_seqlens([4, 6]) + 1, a[4]), ValueError, "must start at 0"),
+        (
+            lambda a: (a[0][..., :48], a[1][..., :48], a[2][..., :48], *a[3:]),
+            ValueError,
+            "supported head dims",
+        ),
+        (lambda a: (a[0].int(), *a[1:]), TypeError, "q must have dtype"),
+    ],
+)
+def test_bad_input_is_rejected_before_launch(no_launch, mutate, error, match):
+    args = mutate(_valid())
+    with pytest.raises(error, match=match):
+        prefill_attention(*args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"window": 0}, "window"),
+        ({"window": 5, "causal": False}, "window requires causal"),
+        ({"sm_scale": -1.0}, "sm_scale"),
+        ({"softcap": 0.0}, "softcap"),
+        ({"max_seqlen_q": -1}, "max_seqlen_q"),
+    ],
+)
+def test_bad_options_are_rejected_before_launch(no_launch, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        prefill_attention(*_valid(), **kwargs)
+
+
+def test_wrong_device_is_rejected(no_launch):
+    q, k, v, cq, ck = _valid()
+    other = "meta"
+    with pytest.raises(ValueError, match="q is on meta"):
+        prefill_attention(q.to(other), k, v, cq, ck)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim(gen):
+    q = randn(20, 2, 128, dtype=torch.float32, generator=gen)
+    cu = cu_seqlens([20])
+    a = prefill_attention(q, q, q, cu, cu)
+    b = prefill_attention(q, q, q, cu, cu, sm_scale=1 / math.sqrt(128))
+    assert torch.equal(a, b)
