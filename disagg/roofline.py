@@ -1,0 +1,145 @@
+"""FLOP and byte counts of the pieces of LLM inference, and the roofline of a device.
+
+The conventions are those of ``shared/PERF.md`` and the FlashAttention benchmarks, so numbers compare directly:
+
+- attention FLOPs = 4 · B · Hq · Sq · Sk · D (the two matmuls, 2 FLOPs per multiply-add). With causal masking only
+  the visible (query, key) pairs count: for Sq == Sk that halves the count; in general the exact number of visible
+  pairs is used (``causal_pairs``);
+- attention bytes = q, k, v read once and out written once (the least any kernel can move);
+- decode bytes = every K and V element of the context read once at the cache dtype + q read + out written;
+- a GEMM (m × k) @ (k × n) costs 2·m·n·k FLOPs and moves both operands and the result once.
+
+Everything here is plain Python arithmetic on ints/floats: no torch, no GPU, cheap enough for a simulator's
+inner loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def causal_pairs(seqlen_q: int, seqlen_k: int, window: int | None = None) -> int:
+    """Visible (query, key) pairs of one head under bottom-right causal masking (query i sees key j iff
+    j <= i + Sk - Sq), optionally with a sliding window (and j > i + Sk - Sq - window)."""
+    offset = seqlen_k - seqlen_q
+    first = max(0, -offset)  # rows before this one sit at negative positions and see nothing
+    if first >= seqlen_q:
+        return 0
+    if window is None:
+        # row i sees p + 1 = i + offset + 1 keys: an arithmetic series from first + offset + 1 up to Sk.
+        return (seqlen_q - first) * (first + offset + 1 + seqlen_k) // 2
+    return sum(min(i + offset + 1, window) for i in range(first, seqlen_q))
+
+
+def attention_flops(
+    batch: int, q_heads: int, seqlen_q: int, seqlen_k: int, head_dim: int, causal: bool, window: int | None = None
+) -> float:
+    """Forward attention FLOPs: 4 · B · Hq · (visible pairs) · D."""
+    pairs = causal_pairs(seqlen_q, seqlen_k, window) if causal else seqlen_q * seqlen_k
+    return 4.0 * batch * q_heads * pairs * head_dim
+
+
+def attention_bytes(
+    batch: int, q_heads: int, kv_heads: int, seqlen_q: int, seqlen_k: int, head_dim: int, dtype_bytes: int = 2
+) -> float:
+    """Least bytes a prefill attention moves: q and out (Hq heads), k and v (Hkv heads), each once."""
+    return float(batch * head_dim * dtype_bytes * (2 * q_heads * seqlen_q + 2 * kv_heads * seqlen_k))
+
+
+def decode_flops(batch: int, q_heads: int, context: int, head_dim: int) -> float:
+    """One decode step: one query row per sequence against ``context`` keys."""
+    return 4.0 * batch * q_heads * context * head_dim
+
+
+def decode_bytes(
+    batch: int, q_heads: int, kv_heads: int, context: int, head_dim: int, kv_bytes: float = 2, q_bytes: int = 2
+) -> float:
+    """One decode step: K and V of the whole context at the cache dtype, plus q read and out written."""
+    return float(batch * (2 * kv_heads * context * head_dim * kv_bytes + 2 * q_heads * head_dim * q_bytes))
+
+
+def gemm_flops(m: int, n: int, k: int) -> float:
+    return 2.0 * m * n * k
+
+
+def gemm_bytes(m: int, n: int, k: int, dtype_bytes: int = 2) -> float:
+    return float((m * k + k * n + m * n) * dtype_bytes)
+
+
+def intensity(flops: float, nbytes: float) -> float:
+    """Arithmetic intensity in FLOP per byte."""
+    return flops / nbytes if nbytes > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a Llama-family decoder that its costs depend on."""
+
+    name: str
+    layers: int
+    hidden: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    vocab: int
+
+    @property
+    def params(self) -> int:
+        """Parameter count of the layers plus embedding and (untied) LM head."""
+        attn = self.hidden * self.head_dim * (2 * self.q_heads + 2 * self.kv_heads)
+        mlp = 3 * self.hidden * self.ffn
+        return self.layers * (attn + mlp + 2 * self.hidden) + 2 * self.vocab * self.hidden
+
+    def weight_bytes(self, dtype_bytes: float = 2) -> float:
+        return self.params * dtype_bytes
+
+    def kv_bytes_per_token(self, kv_bytes: float = 2) -> float:
+        """K and V of one token over all layers."""
+        return 2.0 * self.layers * self.kv_heads * self.head_dim * kv_bytes
+
+    def gemm_flops(self, tokens: int) -> float:
+        """FLOPs of every projection, the MLP and the LM head for ``tokens`` tokens (attention excluded)."""
+        per_layer = gemm_flops(tokens, self.head_dim * (self.q_heads + 2 * self.kv_heads), self.hidden)
+        per_layer += gemm_flops(tokens, self.hidden, self.q_heads * self.head_dim)
+        per_layer += 3 * gemm_flops(tokens, self.ffn, self.hidden)
+        return self.layers * per_layer + gemm_flops(tokens, self.vocab, self.hidden)
+
+    def gemm_bytes(self, tokens: int, dtype_bytes: int = 2) -> float:
+        """Weights read once plus activations in and out of each GEMM."""
+        act = (
+            tokens
+            * dtype_bytes
+            * (
+                self.layers * (2 * self.hidden + self.head_dim * (2 * self.q_heads + 2 * self.kv_heads) + 4 * self.ffn)
+                + self.hidden
+                + self.vocab
+            )
+        )
+        return self.weight_bytes(dtype_bytes) + act
+
+
+LLAMA3_8B = ModelShape("llama-3-8b", 32, 4096, 32, 8, 128, 14336, 128256)
+LLAMA3_70B = ModelShape("llama-3-70b", 80, 8192, 64, 8, 128, 28672, 128256)
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """A device's two ceilings: ``flops`` (FLOP/s, e.g. a measured bf16 matmul) and ``bandwidth`` (bytes/s,
+    e.g. a measured device-to-device copy counting bytes read plus written)."""
+
+    flops: float
+    bandwidth: float
+
+    @property
+    def ridge(self) -> float:
+        """The intensity (FLOP/byte) where the two roofs meet."""
+        return self.flops / self.bandwidth
+
+    def attainable(self, ai: float) -> float:
+        """Attainable FLOP/s at arithmetic intensity ``ai``."""
+        return min(self.flops, ai * self.bandwidth)
+
+    def time(self, flops: float, nbytes: float) -> float:
+        """Lower bound on the time of a piece of work: the larger of its compute and memory times."""
+        return max(flops / self.flops, nbytes / self.bandwidth)
