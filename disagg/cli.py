@@ -1,0 +1,253 @@
+"""``python -m disagg run | prefill | decode``: the engine's command line.
+
+- ``run``: both stages in one process; prints each request's output and a metrics table (``--json``: one JSON
+  document ``{"requests": [...], "metrics": {...}}``).
+- ``prefill --export-dir DIR``: the prefill stage alone; writes one ``request-NNNNNN.safetensors`` per request.
+- ``decode --import-dir DIR``: the decode stage alone, over every export in DIR (in file-name order); its output
+  equals what ``run`` prints for the same requests.
+
+Request i gets the id "i" and the seed ``--seed + i``. A request that fails (empty or too long prompt, a refused
+export) is reported with its reason and the others go on; the exit status is then 1. Errors are printed without a
+traceback; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import kernels
+from disagg.decode import DecodeStage
+from disagg.engine import Engine, make_pool
+from disagg.errors import EngineError
+from disagg.export import read_export_file, write_export
+from disagg.kv_pool import PAGE_SIZES
+from disagg.loader import load_model
+from disagg.metrics import Metrics
+from disagg.prefill import PrefillStage
+from disagg.request import Request, RequestOutput, SamplingParams
+from disagg.tokenizer import Tokenizer
+
+DEFAULT_PROMPTS = (
+    "Disaggregated serving runs prefill and decode on different machines.",
+    "The quick brown fox",
+    "Paged attention stores the KV cache in fixed-size pages, so",
+    "Hello",
+)
+KV_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids like 1,2,3, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m disagg", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="both stages in one process")
+    prefill = commands.add_parser("prefill", help="the prefill stage: prompts in, KV exports out")
+    decode = commands.add_parser("decode", help="the decode stage: KV exports in, tokens out")
+    for p in (run, prefill, decode):
+        p.add_argument("--model", default="tiny", help="'tiny' (embedded, the default) or a Hugging Face directory")
+        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+        p.add_argument("--kv-dtype", default="auto", choices=list(KV_DTYPES), help="KV cache dtype (auto: the model's)")
+        p.add_argument("--page-size", type=int, default=16, choices=PAGE_SIZES, help="KV page size of the pool(s)")
+        p.add_argument("--num-pages", type=_positive, default=None, help="pages per pool (default: 16384 tokens)")
+        p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    for p in (run, prefill):
+        prompts = p.add_mutually_exclusive_group()
+        prompts.add_argument("--prompt", nargs="+", metavar="TEXT", help="prompts as text (needs a tokenizer)")
+        prompts.add_argument("--prompt-ids", nargs="+", type=_token_ids, metavar="IDS", help="prompts as ids: 1,2,3")
+        p.add_argument("--max-new-tokens", type=_positive, default=32)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+        p.add_argument("--top-k", type=int, default=0, help="0: off")
+        p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+        p.add_argument("--seed", type=int, default=0, help="request i samples with seed SEED + i")
+        p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
+        p.add_argument("--max-batch-tokens", type=_positive, default=8192, help="prompt tokens per prefill batch")
+    for p in (run, decode):
+        p.add_argument("--max-batch-size", type=_positive, default=64, help="sequences per decode step")
+    run.add_argument(
+        "--decode-page-size", type=int, choices=PAGE_SIZES, help="decode pool page size (default: --page-size)"
+    )
+    prefill.add_argument("--export-dir", type=Path, required=True)
+    decode.add_argument("--import-dir", type=Path, required=True)
+    return parser
+
+
+def _requests(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[Request]:
+    if args.prompt_ids is not None:
+        prompts = args.prompt_ids
+    elif tokenizer is None:
+        raise EngineError(f"{args.model} has no tokenizer.json: give prompts as --prompt-ids 1,2,3")
+    else:
+        prompts = [tokenizer.encode(text) for text in (args.prompt or DEFAULT_PROMPTS)]
+    requests = []
+    for i, ids in enumerate(prompts):
+        sampling = SamplingParams(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed + i,
+            eos_token_ids=() if args.ignore_eos else None,
+        )
+        requests.append(Request(str(i), ids, sampling))
+    return requests
+
+
+def _report(args, model, tokenizer, outputs: list[RequestOutput], metrics: dict[str, Any], extra=None) -> int:
+    metrics = {**metrics, "model": str(args.model), "dtype": str(model.dtype).removeprefix("torch."), **_mode()}
+    if args.json:
+        rows = []
+        for o in outputs:
+            row = o.to_dict()
+            if tokenizer is not None and o.error is None:
+                row["text"] = tokenizer.decode(o.output_ids)
+            rows.append({**row, **(extra or {}).get(o.request_id, {})})
+        print(json.dumps({"requests": rows, "metrics": metrics}, indent=2))
+    else:
+        print(
+            f"model {args.model} ({model.config.architecture}, {model.config.num_layers} layers, {metrics['dtype']})"
+            f" on {metrics['device']}"
+        )
+        for o in outputs:
+            print(f"\n[{o.request_id}] prompt {_show(tokenizer, o.prompt_ids)} ({len(o.prompt_ids)} tokens)")
+            if o.error is not None:
+                print(f"    error: {o.error}")
+                continue
+            print(f"    output {_show(tokenizer, o.output_ids)} ({len(o.output_ids)} tokens, {o.finish_reason})")
+            for key, value in (extra or {}).get(o.request_id, {}).items():
+                print(f"    {key}: {value}")
+        print("\n" + format_metrics(metrics))
+    return 1 if any(o.error is not None for o in outputs) else 0
+
+
+def _show(tokenizer: Tokenizer | None, ids: list[int]) -> str:
+    ids_text = ",".join(map(str, ids)) if len(ids) <= 24 else ",".join(map(str, ids[:24])) + ",..."
+    return f"{tokenizer.decode(ids)!r} [{ids_text}]" if tokenizer is not None else f"[{ids_text}]"
+
+
+def _mode() -> dict[str, str]:
+    if kernels.INTERPRET:
+        return {"device": "cpu", "kernels": "triton interpreter"}
+    return {"device": torch.cuda.get_device_name(), "kernels": "compiled"}
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    def f(x: float | None, unit: str = "") -> str:
+        return "-" if x is None else f"{x:.4g}{unit}"
+
+    lines = [
+        f"{'stage':<10}{'tokens':>10}{'time':>12}{'tokens/s':>12}",
+        f"{'prefill':<10}{m['prefill_tokens']:>10}{f(m['prefill_time_s'], ' s'):>12}{f(m['prefill_tokens_per_s']):>12}",
+        f"{'decode':<10}{m['decode_tokens']:>10}{f(m['decode_time_s'], ' s'):>12}{f(m['decode_tokens_per_s']):>12}",
+        f"requests {m['num_requests']} ({m['num_failed']} failed); TTFT mean {f(m['ttft_mean_s'], ' s')}, "
+        f"max {f(m['ttft_max_s'], ' s')}; TPOT mean {f(m['tpot_mean_s'], ' s')}",
+        f"KV exported {m['kv_bytes_exported']} bytes in {m['exports']} exports, export {f(m['export_time_s'], ' s')}, "
+        f"import {f(m['import_time_s'], ' s')}; decode steps {m['decode_steps']}, "
+        f"mean batch {f(m['mean_decode_batch'])}; wall {f(m.get('wall_time_s'), ' s')}",
+        f"{m['kernels']} on {m['device']}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    requests = _requests(args, tokenizer)
+    engine = Engine(
+        model,
+        page_size=args.page_size,
+        num_pages=args.num_pages,
+        decode_page_size=args.decode_page_size,
+        kv_dtype=KV_DTYPES[args.kv_dtype],
+        max_batch_size=args.max_batch_size,
+        max_batch_tokens=args.max_batch_tokens,
+    )
+    start = time.perf_counter()
+    outputs = engine.generate(requests, progress=True)
+    metrics = {**engine.metrics.summary(outputs), "wall_time_s": time.perf_counter() - start}
+    return _report(args, model, tokenizer, outputs, metrics)
+
+
+def cmd_prefill(args: argparse.Namespace) -> int:
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    requests = _requests(args, tokenizer)
+    pool = make_pool(model, page_size=args.page_size, num_pages=args.num_pages, kv_dtype=KV_DTYPES[args.kv_dtype])
+    stage = PrefillStage(model, pool, max_batch_tokens=args.max_batch_tokens)
+    args.export_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    outputs: dict[str, RequestOutput] = {}
+    files: dict[str, dict[str, Any]] = {}
+    for r in requests:
+        try:
+            stage.add(r)
+        except EngineError as e:
+            outputs[r.request_id] = RequestOutput(r.request_id, r.prompt_ids, error=str(e))
+    with tqdm(total=len(requests) - len(outputs), unit="req", disable=None, delay=1.0, leave=False) as bar:
+        while stage.has_work:
+            for res in stage.step():
+                rid = res.request.request_id
+                path = args.export_dir / f"request-{int(rid):06d}.safetensors"
+                write_export(path, res.export)
+                outputs[rid] = RequestOutput(
+                    rid, res.request.prompt_ids, [res.first_token], "prefilled", ttft_s=res.ttft_s
+                )
+                files[rid] = {"export": str(path)}
+                bar.update(1)
+    ordered = [outputs[r.request_id] for r in requests]
+    metrics = {**stage.metrics.summary(ordered), "wall_time_s": time.perf_counter() - start}
+    return _report(args, model, tokenizer, ordered, metrics, files)
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    files = sorted(args.import_dir.glob("*.safetensors"))
+    if not files:
+        raise EngineError(f"no *.safetensors exports in {args.import_dir}")
+    pool = make_pool(model, page_size=args.page_size, num_pages=args.num_pages, kv_dtype=KV_DTYPES[args.kv_dtype])
+    stage = DecodeStage(model, pool, max_batch_size=args.max_batch_size, metrics=Metrics())
+    start = time.perf_counter()
+    order: list[str] = []
+    outputs: dict[str, RequestOutput] = {}
+    for path in files:
+        try:
+            order.append(stage.add(read_export_file(path)))
+        except EngineError as e:
+            order.append(path.name)
+            outputs[path.name] = RequestOutput(path.name, [], error=f"{path.name}: {e}")
+    with tqdm(unit="tok", disable=None, delay=1.0, leave=False) as bar:
+        while stage.has_work:
+            before = stage.metrics.decode_tokens
+            for out in stage.step():
+                outputs[out.request_id] = out
+            bar.update(stage.metrics.decode_tokens - before)
+    ordered = [outputs[i] for i in order]
+    metrics = {**stage.metrics.summary(ordered), "wall_time_s": time.perf_counter() - start}
+    return _report(args, model, tokenizer, ordered, metrics)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "prefill": cmd_prefill, "decode": cmd_decode}[args.command](args)
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,191 @@
+"""The decode stage: imported KV in, generated tokens out, with continuous batching.
+
+:meth:`DecodeStage.add` verifies an export completely (:func:`disagg.export.read_export`) and queues the request;
+nothing is allocated for a refused one. Each :meth:`DecodeStage.step`:
+
+1. admits waiting requests in arrival order while the batch has room and the pool has the pages for a request's
+   whole life (prompt + max_new_tokens - 1 tokens, capped at the model's context), re-paging its exported K/V into
+   this pool, whose page size may differ from the prefill pool's. A request that does not fit waits for pages to
+   come back; one that could never fit is refused at ``add``. Reserving up front means a running request never
+   runs out of pages, so nothing is ever preempted;
+2. runs the model once for the batch's newest tokens (``kernels.write_kv_cache`` stores their K/V,
+   ``kernels.paged_decode_attention`` attends over each sequence's pages);
+3. samples, and retires requests that hit a stop token, max_new_tokens or the context, freeing their pages.
+
+Requests therefore join and leave the batch between steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import count
+
+import torch
+
+from disagg.attention import DecodeBatch
+from disagg.errors import RequestError
+from disagg.export import KVExport, read_export
+from disagg.kv_pool import KVPool
+from disagg.metrics import Metrics
+from disagg.model import CausalLM
+from disagg.request import RequestOutput
+from disagg.sampling import sample
+
+
+@dataclass
+class _Sequence:
+    key: int
+    export: KVExport
+    reserve: int  # tokens of KV this request can ever hold
+    first_token_time: float
+    output_ids: list[int] = field(default_factory=list)
+    kv_len: int = 0  # tokens whose K/V are in the pool
+
+    @property
+    def request_id(self) -> str:
+        return self.export.request_id
+
+
+class DecodeStage:
+    """Decode with ``model`` from ``pool``, at most ``max_batch_size`` sequences per step.
+
+    ``num_splits`` is passed to ``paged_decode_attention`` (None: the kernel picks the split-KV factor).
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        pool: KVPool,
+        *,
+        max_batch_size: int = 64,
+        metrics: Metrics | None = None,
+        num_splits: int | None = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model, self.pool, self.max_batch_size, self.num_splits = model, pool, max_batch_size, num_splits
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._waiting: deque[_Sequence] = deque()
+        self._running: list[_Sequence] = []
+        self._done: list[RequestOutput] = []
+        self._keys = count()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running or self._done)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def add(self, data: bytes, *, first_token_time: float | None = None) -> str:
+        """Verify export bytes and queue their request; returns its id. ``first_token_time`` (perf_counter) is
+        when its first token appeared, default now. Raises ExportError or RequestError, allocating nothing."""
+        start = time.perf_counter()
+        export = read_export(data, self.model, self.pool)
+        if any(s.request_id == export.request_id for s in [*self._waiting, *self._running]) or any(
+            o.request_id == export.request_id for o in self._done
+        ):
+            raise RequestError(f"request {export.request_id} is already in the decode stage")
+        n = export.num_tokens
+        reserve = min(n + export.sampling.max_new_tokens - 1, self.model.config.max_position_embeddings)
+        arrived = start if first_token_time is None else first_token_time
+        seq = _Sequence(next(self._keys), export, reserve, arrived, [export.first_token], n)
+        reason = self._finish_reason(seq)
+        if reason is None and self.pool.pages_for(reserve) > self.pool.num_pages:
+            raise RequestError(
+                f"request {export.request_id}: prompt + max_new_tokens need {reserve} tokens of KV, more than the "
+                f"decode pool holds ({self.pool.capacity})"
+            )
+        self.metrics.import_time_s += time.perf_counter() - start
+        self.metrics.imports += 1
+        if reason is None:
+            self._waiting.append(seq)
+        else:
+            self._done.append(self._output(seq, reason))
+        return export.request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is, freeing its pages; returns its output (finish_reason "aborted")."""
+        for seq in [*self._waiting, *self._running]:
+            if seq.request_id == request_id:
+                self._waiting = deque(s for s in self._waiting if s is not seq)
+                self._running = [s for s in self._running if s is not seq]
+                self.pool.free(seq.key)
+                return self._output(seq, "aborted")
+        return None
+
+    def abort_all(self) -> None:
+        """Drop every request (waiting, running or finished but not yet returned), freeing all their pages."""
+        for seq in [*self._waiting, *self._running]:
+            self.pool.free(seq.key)
+        self._waiting, self._running, self._done = deque(), [], []
+
+    def step(self) -> list[RequestOutput]:
+        """Admit, run one decode step, retire. Returns the requests that finished."""
+        self._admit()
+        done, self._done = self._done, []
+        if not self._running:
+            return done
+        start = time.perf_counter()
+        device, pool, batch = self.model.device, self.pool, self._running
+        ids = torch.tensor([s.output_ids[-1] for s in batch], dtype=torch.int64, device=device)
+        positions = torch.tensor([s.kv_len for s in batch], dtype=torch.int64, device=device)
+        slots = torch.cat([pool.slots(s.key, s.kv_len, s.kv_len + 1) for s in batch]).to(device)
+        seq_lens = (positions + 1).to(torch.int32)
+        meta = DecodeBatch(pool, pool.block_table([s.key for s in batch]), seq_lens, slots, self.num_splits)
+        logits = self.model.logits(self.model(ids, positions, meta))
+        tokens = sample(logits, [s.export.sampling for s in batch], [len(s.output_ids) for s in batch])
+        self.metrics.decode_time_s += time.perf_counter() - start
+        self.metrics.decode_tokens += len(batch)
+        self.metrics.decode_steps += 1
+
+        still = []
+        for seq, token in zip(batch, tokens, strict=True):
+            seq.kv_len += 1
+            seq.output_ids.append(token)
+            reason = self._finish_reason(seq)
+            if reason is None:
+                still.append(seq)
+            else:
+                pool.free(seq.key)
+                done.append(self._output(seq, reason))
+        self._running = still
+        return done
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.max_batch_size:
+            seq = self._waiting[0]
+            if not self.pool.can_allocate(seq.reserve):
+                return  # in order: the head of the queue waits for pages, so it is never starved
+            start = time.perf_counter()
+            self.pool.allocate(seq.key, seq.reserve)
+            slots = self.pool.slots(seq.key, 0, seq.export.num_tokens)
+            for layer in range(self.pool.num_layers):
+                self.pool.load_tokens(layer, slots, seq.export.k[layer], seq.export.v[layer])
+            seq.export.k, seq.export.v = [], []  # the pool holds them now
+            self.metrics.import_time_s += time.perf_counter() - start
+            self._running.append(self._waiting.popleft())
+
+    def _finish_reason(self, seq: _Sequence) -> str | None:
+        params = seq.export.sampling
+        if seq.output_ids[-1] in (params.eos_token_ids or ()):
+            return "eos"
+        total = seq.export.num_tokens + len(seq.output_ids)
+        if len(seq.output_ids) >= params.max_new_tokens or total > self.model.config.max_position_embeddings:
+            return "length"
+        return None
+
+    def _output(self, seq: _Sequence, reason: str) -> RequestOutput:
+        n = len(seq.output_ids)
+        tpot = (time.perf_counter() - seq.first_token_time) / (n - 1) if n > 1 and reason != "aborted" else None
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_ids=seq.export.token_ids,
+            output_ids=list(seq.output_ids),
+            finish_reason=reason,
+            ttft_s=seq.export.ttft_s,
+            tpot_s=tpot,
+        )

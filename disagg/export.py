@@ -1,0 +1,214 @@
+"""The KV export: how a request's prompt KV travels from the prefill stage to the decode stage.
+
+One self-describing safetensors file per request (never pickle), independent of either pool's page size:
+
+tensors
+    ``k.{layer}``, ``v.{layer}``: (num_tokens, num_kv_heads, head_dim) in the KV dtype, token-major, holding exactly
+    the prompt's tokens in position order (fp8 caches export their stored fp8 values, not dequantized ones);
+    ``token_ids``, ``positions``: int64 (num_tokens,).
+metadata (the safetensors header's ``__metadata__``, key ``phaseattn.kv_export``, a JSON object)
+    ``format_version``; ``fingerprint`` of the model (architecture, layers, KV heads, head_dim, rotary settings,
+    sliding windows, weight dtype, a digest of the weights); ``kv_dtype`` and ``kv_scale`` (the per-tensor fp8 scale
+    of K and V, null for other dtypes); ``num_tokens``; ``request_id``; ``first_token`` (sampled by prefill);
+    ``sampling`` (the request's :class:`SamplingParams`); ``ttft_s``; and ``checksum``: sha256 over the rest of the
+    metadata and the payload hashed in logical token order (token ids, positions, then each layer's K and V rows),
+    so it does not depend on page size or page placement in either pool.
+
+:func:`read_export` refuses a file that is truncated, corrupted or tampered with, made for another model or KV
+dtype, or of an unknown format version, with an :class:`ExportError` that says which; it only reads, so a refused
+import has allocated nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from disagg.errors import EngineError, ExportError
+from disagg.kv_pool import KVPool
+from disagg.model import CausalLM
+from disagg.request import SamplingParams
+
+FORMAT_VERSION = 1
+METADATA_KEY = "phaseattn.kv_export"
+
+
+def fingerprint(model: CausalLM) -> dict[str, Any]:
+    """What must match between the model that wrote an export and the one that reads it."""
+    c = model.config
+    return {
+        "architecture": c.architecture,
+        "num_layers": c.num_layers,
+        "num_kv_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "rope": c.rope_params,
+        "windows": list(c.windows),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "weights": model.weights_digest,
+    }
+
+
+def _checksum(meta: dict[str, Any], tensors: dict[str, torch.Tensor], num_layers: int) -> str:
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    names = ["token_ids", "positions"] + [f"{kv}.{i}" for i in range(num_layers) for kv in "kv"]
+    for name in names:
+        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class KVExport:
+    """A verified export in memory. k[layer], v[layer]: (num_tokens, num_kv_heads, head_dim) CPU tensors."""
+
+    request_id: str
+    token_ids: list[int]
+    first_token: int
+    sampling: SamplingParams
+    ttft_s: float
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def export_kv(
+    model: CausalLM,
+    pool: KVPool,
+    seq: object,
+    request_id: str,
+    token_ids: list[int],
+    first_token: int,
+    sampling: SamplingParams,
+    ttft_s: float,
+) -> bytes:
+    """Serialize the KV of ``seq``'s prompt (``len(token_ids)`` tokens held in ``pool``) into export bytes."""
+    n = len(token_ids)
+    slots = pool.slots(seq, 0, n)
+    tensors: dict[str, torch.Tensor] = {
+        "token_ids": torch.tensor(token_ids, dtype=torch.int64),
+        "positions": torch.arange(n, dtype=torch.int64),
+    }
+    for layer in range(pool.num_layers):
+        k, v = pool.read_tokens(layer, slots)
+        tensors[f"k.{layer}"], tensors[f"v.{layer}"] = k.cpu().contiguous(), v.cpu().contiguous()
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint(model),
+        "kv_dtype": str(pool.dtype).removeprefix("torch."),
+        "kv_scale": pool.kv_scale,
+        "num_tokens": n,
+        "request_id": request_id,
+        "first_token": int(first_token),
+        "sampling": sampling.to_dict(),
+        "ttft_s": float(ttft_s),
+    }
+    meta["checksum"] = _checksum(meta, tensors, pool.num_layers)
+    return st_save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+
+
+def _header(data: bytes) -> dict[str, Any]:
+    """The safetensors header (8-byte little-endian length, then JSON), checked against the data's size."""
+    if len(data) < 8:
+        raise ExportError(f"truncated: {len(data)} bytes is not even a safetensors header")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > len(data) - 8:
+        raise ExportError(f"truncated: the header needs {size} bytes, the file has {len(data) - 8} after its length")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except ValueError:
+        raise ExportError("not a safetensors file (unreadable header)") from None
+    ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
+    payload = len(data) - 8 - size
+    if ends and max(ends) > payload:
+        raise ExportError(f"truncated: the tensors need {max(ends)} bytes, the file holds {payload}")
+    return header
+
+
+def _check_fingerprint(theirs: Any, ours: dict[str, Any]) -> None:
+    if not isinstance(theirs, dict):
+        raise ExportError("the export has no model fingerprint")
+    for key, value in ours.items():
+        if theirs.get(key) != value:
+            raise ExportError(f"made for another model: {key} is {theirs.get(key)!r} in the export, {value!r} here")
+
+
+def read_export(data: bytes, model: CausalLM, pool: KVPool) -> KVExport:
+    """Verify export bytes against the importing model and pool, and return their content.
+
+    Raises ExportError (never allocating anything) when the data is truncated, not an export, of another format
+    version, for another model or KV dtype, malformed, or fails its checksum.
+    """
+    raw = _header(data).get("__metadata__", {}).get(METADATA_KEY)
+    if raw is None:
+        raise ExportError("not a phaseattn KV export (no export metadata)")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise ExportError("corrupted: the export metadata is not valid JSON") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"unknown format version {meta.get('format_version')!r}; this engine reads {FORMAT_VERSION}")
+    _check_fingerprint(meta.get("fingerprint"), fingerprint(model))
+    kv_dtype = str(pool.dtype).removeprefix("torch.")
+    if meta.get("kv_dtype") != kv_dtype or meta.get("kv_scale") != pool.kv_scale:
+        raise ExportError(
+            f"KV dtype/scale {meta.get('kv_dtype')}/{meta.get('kv_scale')} in the export, {kv_dtype}/{pool.kv_scale} here"
+        )
+    try:
+        tensors = st_load(data)
+    except Exception as e:  # safetensors raises its own error types for malformed data
+        raise ExportError(f"corrupted: {e}") from None
+    n, layers = meta.get("num_tokens"), pool.num_layers
+    kv_shape = (n, pool.num_kv_heads, pool.head_dim)
+    expected = {"token_ids": ((n,), torch.int64), "positions": ((n,), torch.int64)}
+    expected |= {f"{kv}.{i}": (kv_shape, pool.dtype) for i in range(layers) for kv in "kv"}
+    if set(tensors) != set(expected) or not isinstance(n, int) or n < 1:
+        raise ExportError(f"malformed: expected tensors {sorted(expected)} for {n} tokens, found {sorted(tensors)}")
+    for name, (shape, dtype) in expected.items():
+        if tuple(tensors[name].shape) != shape or tensors[name].dtype != dtype:
+            raise ExportError(f"malformed: {name} is {tuple(tensors[name].shape)} {tensors[name].dtype}")
+    if meta.get("checksum") != _checksum(meta, tensors, layers):
+        raise ExportError("checksum mismatch: the export was corrupted or modified after it was written")
+    if not torch.equal(tensors["positions"], torch.arange(n)):
+        raise ExportError("malformed: positions must be 0 .. num_tokens-1")
+    token_ids = tensors["token_ids"].tolist()
+    vocab = model.config.vocab_size
+    try:
+        export = KVExport(
+            request_id=str(meta["request_id"]),
+            token_ids=token_ids,
+            first_token=int(meta["first_token"]),
+            sampling=SamplingParams.from_dict(meta["sampling"]),
+            ttft_s=float(meta["ttft_s"]),
+            k=[tensors[f"k.{i}"] for i in range(layers)],
+            v=[tensors[f"v.{i}"] for i in range(layers)],
+        )
+    except (EngineError, KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"malformed metadata: {e}") from None
+    if not all(0 <= t < vocab for t in [*token_ids, export.first_token]):
+        raise ExportError(f"malformed: token ids outside the vocabulary of {vocab}")
+    return export
+
+
+def write_export(path: Path, data: bytes) -> None:
+    """Write atomically (temporary file, then rename), so a crash never leaves a partial export behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def read_export_file(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ExportError(f"cannot read {path}: {e.strerror}") from None
