@@ -129,11 +129,13 @@ def _report(args, model, tokenizer, outputs: list[RequestOutput], metrics: dict[
             f" on {metrics['device']}"
         )
         for o in outputs:
-            print(f"\n[{o.request_id}] prompt {_show(tokenizer, o.prompt_ids)} ({len(o.prompt_ids)} tokens)")
+            n = len(o.prompt_ids)
+            print(f"\n[{o.request_id}] prompt {_show(tokenizer, o.prompt_ids)} ({n} token{'s' * (n != 1)})")
             if o.error is not None:
                 print(f"    error: {o.error}")
                 continue
-            print(f"    output {_show(tokenizer, o.output_ids)} ({len(o.output_ids)} tokens, {o.finish_reason})")
+            n = len(o.output_ids)
+            print(f"    output {_show(tokenizer, o.output_ids)} ({n} token{'s' * (n != 1)}, {o.finish_reason})")
             for key, value in (extra or {}).get(o.request_id, {}).items():
                 print(f"    {key}: {value}")
         print("\n" + format_metrics(metrics))
@@ -152,20 +154,29 @@ def _mode() -> dict[str, str]:
 
 
 def format_metrics(m: dict[str, Any]) -> str:
-    def f(x: float | None, unit: str = "") -> str:
+    """The metrics as a short table (stages that did nothing in this process are left out)."""
+
+    def f(x: float | None, unit: str = " s") -> str:
         return "-" if x is None else f"{x:.4g}{unit}"
 
-    lines = [
-        f"{'stage':<10}{'tokens':>10}{'time':>12}{'tokens/s':>12}",
-        f"{'prefill':<10}{m['prefill_tokens']:>10}{f(m['prefill_time_s'], ' s'):>12}{f(m['prefill_tokens_per_s']):>12}",
-        f"{'decode':<10}{m['decode_tokens']:>10}{f(m['decode_time_s'], ' s'):>12}{f(m['decode_tokens_per_s']):>12}",
-        f"requests {m['num_requests']} ({m['num_failed']} failed); TTFT mean {f(m['ttft_mean_s'], ' s')}, "
-        f"max {f(m['ttft_max_s'], ' s')}; TPOT mean {f(m['tpot_mean_s'], ' s')}",
-        f"KV exported {m['kv_bytes_exported']} bytes in {m['exports']} exports, export {f(m['export_time_s'], ' s')}, "
-        f"import {f(m['import_time_s'], ' s')}; decode steps {m['decode_steps']}, "
-        f"mean batch {f(m['mean_decode_batch'])}; wall {f(m.get('wall_time_s'), ' s')}",
-        f"{m['kernels']} on {m['device']}",
-    ]
+    lines = [f"{'stage':<10}{'tokens':>10}{'time':>12}{'tokens/s':>12}"]
+    for stage in ("prefill", "decode"):
+        tokens, seconds = m[f"{stage}_tokens"], m[f"{stage}_time_s"]
+        if tokens:
+            lines.append(f"{stage:<10}{tokens:>10}{f(seconds):>12}{f(m[f'{stage}_tokens_per_s'], ''):>12}")
+    lines.append(
+        f"requests {m['num_requests']} ({m['num_failed']} failed)   TTFT mean {f(m['ttft_mean_s'])} "
+        f"(max {f(m['ttft_max_s'])})   TPOT mean {f(m['tpot_mean_s'])}"
+    )
+    kv = []
+    if m["exports"]:
+        kv.append(f"KV export: {m['exports']} requests, {m['kv_bytes_exported']:,} bytes, {f(m['export_time_s'])}")
+    if m["imports"]:
+        kv.append(f"KV import: {m['imports']} requests, {f(m['import_time_s'])}")
+    if m["decode_steps"]:
+        kv.append(f"decode: {m['decode_steps']} steps, mean batch {f(m['mean_decode_batch'], '')}")
+    lines += ["   ".join(kv)] if kv else []
+    lines.append(f"wall {f(m.get('wall_time_s'))}, kernels: {m['kernels']} on {m['device']}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,74 @@
+"""``python -m disagg``: ``run`` equals ``prefill`` then ``decode`` as separate processes handing over through
+export files; a bad export makes ``decode`` fail that request clearly (no traceback) and exit non-zero."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from disagg.cli import main
+
+ARGS = ["--prompt-ids", "256,72,101,108,108,111", "256,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18", "256"]
+ARGS += ["--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "50", "--seed", "11"]
+
+
+def disagg(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "disagg", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def handover(tmp_path_factory):
+    """`run --json`, then `prefill` (page size 16) and `decode` (page size 8) as separate processes."""
+    exports = tmp_path_factory.mktemp("exports")
+    run = disagg("run", *ARGS, "--json")
+    prefill = disagg("prefill", *ARGS, "--export-dir", str(exports), "--json")
+    decode = disagg("decode", "--import-dir", str(exports), "--page-size", "8", "--json")
+    return run, prefill, decode, exports
+
+
+def test_run_equals_prefill_then_decode_through_files(handover):
+    run, prefill, decode, exports = handover
+    for p in (run, prefill, decode):
+        assert p.returncode == 0, p.stderr
+    run_doc, prefill_doc, decode_doc = (json.loads(p.stdout) for p in (run, prefill, decode))
+    assert sorted(f.name for f in exports.iterdir()) == [f"request-{i:06d}.safetensors" for i in range(3)]
+    keys = ("request_id", "prompt_ids", "output_ids", "finish_reason")
+    assert [{k: r[k] for k in keys} for r in decode_doc["requests"]] == [
+        {k: r[k] for k in keys} for r in run_doc["requests"]
+    ]
+    for r in run_doc["requests"]:
+        assert len(r["output_ids"]) == 5 and r["ttft_s"] > 0 and r["tpot_s"] > 0 and r["error"] is None
+    # prefill reports each request's first token, which decode continues from
+    assert [r["output_ids"] for r in prefill_doc["requests"]] == [[r["output_ids"][0]] for r in run_doc["requests"]]
+    m = run_doc["metrics"]
+    assert m["num_requests"] == 3 and m["num_failed"] == 0 and m["prefill_tokens"] == 26
+    assert m["decode_tokens"] == 12 and m["kv_bytes_exported"] > 26 * 2 * 2 * 2 * 64 * 4
+    assert prefill_doc["metrics"]["exports"] == 3 and decode_doc["metrics"]["imports"] == 3
+
+
+def test_decode_refuses_a_bad_export_and_exits_nonzero(handover, tmp_path):
+    *_, exports = handover
+    for f in exports.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    bad = tmp_path / "request-000001.safetensors"
+    data = bad.read_bytes()
+    bad.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    p = disagg("decode", "--import-dir", str(tmp_path))
+    assert p.returncode == 1
+    assert "Traceback" not in p.stdout + p.stderr
+    assert "request-000001.safetensors: checksum mismatch" in p.stdout
+    assert p.stdout.count("(5 tokens, length)") == 2  # the other two requests went on
+    assert "requests 3 (1 failed)" in p.stdout
+
+
+def test_usage_errors_are_reported_without_traceback(tmp_path, capsys):
+    assert main(["decode", "--import-dir", str(tmp_path)]) == 1
+    assert "no *.safetensors exports" in capsys.readouterr().err
+    assert main(["run", "--prompt-ids", "", "256,1", "--max-new-tokens", "1", "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert "the prompt is empty" in doc["requests"][0]["error"] and doc["requests"][1]["error"] is None
+    assert main(["run", "--model", str(tmp_path)]) == 1
+    assert "has no config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["run", "--page-size", "12"])

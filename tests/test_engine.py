@@ -1,0 +1,182 @@
+"""The two-stage engine on the embedded ``tiny`` model, with the real kernels (interpreted on CPU): prefill +
+decode through export files equals one-process ``run``, page sizes may differ between stages, pools come back
+fully free after success, failure and abort, a full decode pool makes requests wait, bad requests fail alone."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from disagg import tiny
+from disagg.decode import DecodeStage
+from disagg.engine import Engine, make_pool
+from disagg.export import read_export_file, write_export
+from disagg.loader import build_model, load_model
+from disagg.prefill import PrefillStage
+from disagg.request import Request, SamplingParams
+
+GREEDY = SamplingParams(max_new_tokens=6)
+SAMPLED = SamplingParams(max_new_tokens=6, temperature=0.9, top_p=0.95, seed=3)
+PROMPTS = [[256, *range(40, 57)], [256, 5, 6], [256, *range(100, 130)], [256, 77]]  # 18, 3, 31, 2 tokens
+
+
+def requests(sampling=GREEDY, prompts=PROMPTS):
+    return [Request(str(i), p, dataclasses.replace(sampling, seed=sampling.seed + i)) for i, p in enumerate(prompts)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny")[0]
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """One-process outputs for greedy and sampled requests (page size 16 in both stages)."""
+    return {s: Engine(model).generate(requests(s)) for s in (GREEDY, SAMPLED)}
+
+
+def ids(outputs):
+    return [(o.request_id, o.output_ids, o.finish_reason) for o in outputs]
+
+
+def test_run_completes_every_request(model, reference):
+    for sampling, outputs in reference.items():
+        assert [o.request_id for o in outputs] == ["0", "1", "2", "3"]
+        for o, p in zip(outputs, PROMPTS, strict=True):
+            assert o.error is None and o.prompt_ids == p and o.finish_reason == "length"
+            assert len(o.output_ids) == sampling.max_new_tokens and o.ttft_s > 0 and o.tpot_s > 0
+    # sampling changes the tokens; greedy differs from sampled
+    assert ids(reference[GREEDY]) != ids(reference[SAMPLED])
+
+
+def test_greedy_decode_agrees_with_prefill_of_the_whole_sequence(model, reference):
+    """Decode tokens (paged decode kernel) are what a prefill over prompt + outputs (prefill kernel) predicts."""
+    for o in reference[GREEDY][:2]:
+        seq = o.prompt_ids + o.output_ids[:-1]
+        pool = make_pool(model, num_pages=4)
+        pool.allocate("s", len(seq))
+        from disagg.attention import PrefillBatch
+
+        batch = PrefillBatch(
+            pool, torch.tensor([0, len(seq)], dtype=torch.int32), len(seq), pool.slots("s", 0, len(seq))
+        )
+        logits = model.logits(model(torch.tensor(seq), torch.arange(len(seq)), batch))
+        assert logits[len(o.prompt_ids) - 1 :].argmax(-1).tolist() == o.output_ids
+
+
+@pytest.mark.parametrize("prefill_page, decode_page", [(16, 8), (8, 32)])
+def test_prefill_then_decode_through_files_equals_run(model, reference, tmp_path, prefill_page, decode_page):
+    for sampling in (GREEDY, SAMPLED):
+        stage = PrefillStage(model, make_pool(model, page_size=prefill_page, num_pages=8))
+        for r in requests(sampling):
+            stage.add(r)
+        while stage.has_work:
+            for res in stage.step():
+                write_export(tmp_path / f"{res.request.request_id}-{sampling.seed}.safetensors", res.export)
+        assert stage.pool.is_fully_free()
+        pool = make_pool(model, page_size=decode_page, num_pages=16)
+        decode = DecodeStage(model, pool)
+        for f in sorted(tmp_path.glob(f"*-{sampling.seed}.safetensors")):
+            decode.add(read_export_file(f))
+        outputs = []
+        while decode.has_work:
+            outputs += decode.step()
+        assert pool.is_fully_free()
+        assert sorted(ids(outputs)) == ids(reference[sampling])
+
+
+def test_seeded_sampling_is_reproducible(model, reference):
+    assert ids(Engine(model, page_size=32).generate(requests(SAMPLED))) == ids(reference[SAMPLED])
+    other = dataclasses.replace(SAMPLED, seed=100)
+    assert ids(Engine(model).generate(requests(other))) != ids(reference[SAMPLED])
+
+
+def test_full_decode_pool_makes_requests_wait(model, reference):
+    """A decode pool of 3 pages of 8 tokens holds one request at a time (each needs 1-5 pages over its life, the
+    31-token prompt 5): the others wait for pages, and everyone finishes with the same tokens."""
+    engine = Engine(model, page_size=8, decode_num_pages=5, num_pages=8)
+    steps = []
+    step = engine.decode.step
+
+    def watched():
+        out = step()
+        steps.append(engine.decode.num_running)
+        return out
+
+    engine.decode.step = watched
+    outputs = engine.generate(requests(GREEDY))
+    assert ids(outputs) == ids(reference[GREEDY])
+    assert max(steps) < len(PROMPTS)  # never all at once
+    assert engine.prefill.pool.is_fully_free() and engine.decode.pool.is_fully_free()
+
+
+def test_bad_requests_fail_alone(model, reference):
+    engine = Engine(model, num_pages=2)  # 32 tokens per pool
+    bad = [
+        Request("empty", [], GREEDY),
+        Request("longer-than-pool", [256] * 33, GREEDY),
+        Request("outside-vocab", [256, 999], GREEDY),
+        Request("never-fits-decode", [256, 1, 2], dataclasses.replace(GREEDY, max_new_tokens=40)),
+    ]
+    outputs = engine.generate([*bad, *requests(GREEDY)[:2]])
+    errors = {o.request_id: o.error for o in outputs[:4]}
+    assert "prompt is empty" in errors["empty"]
+    assert "more than the KV pool holds (32)" in errors["longer-than-pool"]
+    assert "outside the vocabulary" in errors["outside-vocab"]
+    assert "more than the decode pool holds (32)" in errors["never-fits-decode"]
+    assert all(o.finish_reason == "error" for o in outputs[:4])
+    assert ids(outputs[4:]) == ids(reference[GREEDY][:2])
+    assert engine.prefill.pool.is_fully_free() and engine.decode.pool.is_fully_free()
+
+
+def test_prompt_longer_than_context_and_generation_capped_by_context(model):
+    short = build_model(
+        dataclasses.replace(tiny.CONFIG, max_position_embeddings=20), tiny.state_dict(), torch.float32, model.device
+    )
+    outputs = Engine(short).generate([[256] * 21, [256, *range(1, 18)]], SamplingParams(max_new_tokens=10))
+    assert "longer than the model's context of 20" in outputs[0].error
+    # 18 prompt tokens: tokens may be fed at positions 18 and 19, so 3 tokens come out
+    assert len(outputs[1].output_ids) == 3 and outputs[1].finish_reason == "length"
+
+
+def test_stops_at_eos(model, reference):
+    greedy = reference[GREEDY][0].output_ids
+    eos = greedy[2]
+    out = Engine(model).generate([PROMPTS[0]], dataclasses.replace(GREEDY, eos_token_ids=(eos,)))[0]
+    cut = greedy.index(eos) + 1
+    assert out.output_ids == greedy[:cut] and out.finish_reason == "eos"
+
+
+def test_pools_are_fully_free_after_a_failure_and_after_abort(model):
+    engine = Engine(model)
+    calls = 0
+    forward = model.forward
+
+    def failing(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # prefill, first decode step, then fail in the second decode step
+            raise RuntimeError("injected")
+        return forward(*args)
+
+    model.forward = failing
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.generate(requests(GREEDY))
+    finally:
+        del model.forward
+    assert engine.prefill.pool.is_fully_free() and engine.decode.pool.is_fully_free()
+    assert not engine.prefill.has_work and not engine.decode.has_work
+
+    stage = PrefillStage(model, make_pool(model, num_pages=8))
+    for r in requests(GREEDY):
+        stage.add(r)
+    results = stage.step()
+    decode = DecodeStage(model, make_pool(model, num_pages=8))
+    for res in results:
+        decode.add(res.export)
+    decode.step()
+    aborted = decode.abort("2")
+    assert aborted.finish_reason == "aborted" and len(aborted.output_ids) == 2
+    decode.abort_all()
+    assert decode.pool.is_fully_free() and not decode.has_work
