@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,6 +60,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m disagg", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-batch-size", type=_positive, default=64, help="sequences per decode step")
     run.add_argument(
         "--decode-page-size", type=int, choices=PAGE_SIZES, help="decode pool page size (default: --page-size)"
+    )
+    run.add_argument(
+        "--prefill-ranks",
+        type=_positive,
+        help="under torchrun: ranks 0..N-1 prefill, the others decode (see the README's Distributed section)",
+    )
+    run.add_argument(
+        "--timeout", type=_seconds, default=60.0, help="distributed: seconds of silence before a peer rank is lost"
     )
     prefill.add_argument("--export-dir", type=Path, required=True)
     decode.add_argument("--import-dir", type=Path, required=True)
@@ -181,6 +198,10 @@ def format_metrics(m: dict[str, Any]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.prefill_ranks is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from disagg.distributed import run_distributed
+
+        return run_distributed(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     requests = _requests(args, tokenizer)
     engine = Engine(

@@ -13,6 +13,10 @@ nothing is allocated for a refused one. Each :meth:`DecodeStage.step`:
 3. samples, and retires requests that hit a stop token, max_new_tokens or the context, freeing their pages.
 
 Requests therefore join and leave the batch between steps.
+
+A receiver that learns of a request before its export arrives (a distributed decode rank, :mod:`disagg.ranks`)
+calls :meth:`DecodeStage.reserve` first: the same pages are allocated then, and :meth:`DecodeStage.add` later
+places the export straight into them (:meth:`DecodeStage.release` frees a reservation whose export never comes).
 """
 
 from __future__ import annotations
@@ -34,6 +38,12 @@ from disagg.request import RequestOutput
 from disagg.sampling import sample
 
 
+def reserved_tokens(num_tokens: int, max_new_tokens: int, context: int) -> int:
+    """Tokens of KV a request holds in the decode pool over its whole life: its prompt and every generated token
+    but the last (which is never fed back), at most the model's ``context``."""
+    return min(num_tokens + max_new_tokens - 1, context)
+
+
 @dataclass
 class _Sequence:
     key: int
@@ -42,6 +52,7 @@ class _Sequence:
     first_token_time: float
     output_ids: list[int] = field(default_factory=list)
     kv_len: int = 0  # tokens whose K/V are in the pool
+    holds_pages: bool = False  # its pages were reserved before its export arrived
 
     @property
     def request_id(self) -> str:
@@ -70,6 +81,7 @@ class DecodeStage:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._done: list[RequestOutput] = []
+        self._reserved: dict[str, tuple[int, int]] = {}  # request id -> (pool key, tokens reserved)
         self._keys = count()
 
     @property
@@ -85,27 +97,67 @@ class DecodeStage:
         when its first token appeared, default now. Raises ExportError or RequestError, allocating nothing."""
         start = time.perf_counter()
         export = read_export(data, self.model, self.pool)
-        if any(s.request_id == export.request_id for s in [*self._waiting, *self._running]) or any(
-            o.request_id == export.request_id for o in self._done
-        ):
+        if self._holds(export.request_id):
             raise RequestError(f"request {export.request_id} is already in the decode stage")
         n = export.num_tokens
-        reserve = min(n + export.sampling.max_new_tokens - 1, self.model.config.max_position_embeddings)
-        arrived = start if first_token_time is None else first_token_time
-        seq = _Sequence(next(self._keys), export, reserve, arrived, [export.first_token], n)
-        reason = self._finish_reason(seq)
-        if reason is None and self.pool.pages_for(reserve) > self.pool.num_pages:
+        reserve = self._life_tokens(n, export.sampling.max_new_tokens)
+        reserved = self._reserved.get(export.request_id)
+        if reserved is not None and reserved[1] != reserve:
             raise RequestError(
-                f"request {export.request_id}: prompt + max_new_tokens need {reserve} tokens of KV, more than the "
-                f"decode pool holds ({self.pool.capacity})"
+                f"request {export.request_id}: its export needs {reserve} tokens of KV, {reserved[1]} were reserved"
             )
+        key = reserved[0] if reserved is not None else next(self._keys)
+        arrived = start if first_token_time is None else first_token_time
+        seq = _Sequence(key, export, reserve, arrived, [export.first_token], n, holds_pages=reserved is not None)
+        reason = self._finish_reason(seq)
+        if reason is None and reserved is None:
+            self._check_fits(export.request_id, reserve)
+        self._reserved.pop(export.request_id, None)
         self.metrics.import_time_s += time.perf_counter() - start
         self.metrics.imports += 1
         if reason is None:
             self._waiting.append(seq)
         else:
+            self.pool.free(key)
             self._done.append(self._output(seq, reason))
         return export.request_id
+
+    def reserve(self, request_id: str, num_tokens: int, max_new_tokens: int) -> bool:
+        """Allocate now the pages a request of ``num_tokens`` prompt tokens will need over its whole life (the
+        admission rule above), before its export arrives. False, allocating nothing, when they are not free yet;
+        RequestError when they never will be (more than the whole pool) or the request is already here."""
+        if self._holds(request_id) or request_id in self._reserved:
+            raise RequestError(f"request {request_id} is already in the decode stage")
+        tokens = self._life_tokens(num_tokens, max_new_tokens)
+        self._check_fits(request_id, tokens)
+        if not self.pool.can_allocate(tokens):
+            return False
+        key = next(self._keys)
+        self.pool.allocate(key, tokens)
+        self._reserved[request_id] = (key, tokens)
+        return True
+
+    def release(self, request_id: str) -> bool:
+        """Free the reservation of a request whose export will not come; True if it had one."""
+        key, _ = self._reserved.pop(request_id, (None, 0))
+        if key is not None:
+            self.pool.free(key)
+        return key is not None
+
+    def _holds(self, request_id: str) -> bool:
+        return any(s.request_id == request_id for s in [*self._waiting, *self._running]) or any(
+            o.request_id == request_id for o in self._done
+        )
+
+    def _life_tokens(self, num_tokens: int, max_new_tokens: int) -> int:
+        return reserved_tokens(num_tokens, max_new_tokens, self.model.config.max_position_embeddings)
+
+    def _check_fits(self, request_id: str, tokens: int) -> None:
+        if self.pool.pages_for(tokens) > self.pool.num_pages:
+            raise RequestError(
+                f"request {request_id}: prompt + max_new_tokens need {tokens} tokens of KV, more than the "
+                f"decode pool holds ({self.pool.capacity})"
+            )
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is, freeing its pages; returns its output (finish_reason "aborted")."""
@@ -118,9 +170,12 @@ class DecodeStage:
         return None
 
     def abort_all(self) -> None:
-        """Drop every request (waiting, running or finished but not yet returned), freeing all their pages."""
+        """Drop every request (reserved, waiting, running or finished but not yet returned), freeing all their
+        pages."""
         for seq in [*self._waiting, *self._running]:
             self.pool.free(seq.key)
+        for request_id in list(self._reserved):
+            self.release(request_id)
         self._waiting, self._running, self._done = deque(), [], []
 
     def step(self) -> list[RequestOutput]:
@@ -158,10 +213,11 @@ class DecodeStage:
     def _admit(self) -> None:
         while self._waiting and len(self._running) < self.max_batch_size:
             seq = self._waiting[0]
-            if not self.pool.can_allocate(seq.reserve):
+            if not seq.holds_pages and not self.pool.can_allocate(seq.reserve):
                 return  # in order: the head of the queue waits for pages, so it is never starved
             start = time.perf_counter()
-            self.pool.allocate(seq.key, seq.reserve)
+            if not seq.holds_pages:
+                self.pool.allocate(seq.key, seq.reserve)
             slots = self.pool.slots(seq.key, 0, seq.export.num_tokens)
             for layer in range(self.pool.num_layers):
                 self.pool.load_tokens(layer, slots, seq.export.k[layer], seq.export.v[layer])

@@ -23,3 +23,7 @@ class RequestError(EngineError):
 
 class PoolFullError(EngineError):
     """The KV pool has fewer free pages than an allocation needs. Stages catch it and let the request wait."""
+
+
+class DistributedError(EngineError):
+    """A distributed run cannot go on: its ranks disagree (model, KV dtype, options) or a peer rank was lost."""
