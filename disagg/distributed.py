@@ -83,6 +83,8 @@ def run_distributed(args: argparse.Namespace) -> int:
             status = int(any(o.error is not None for o in outputs) or bool(metrics["faults"]))
             node.finish(status)
             _report(args, model, tokenizer, outputs, metrics, extra)
+            if not args.json:
+                print(format_distributed(metrics))
         else:
             node.transport.flush()
             status = 1 if node.status is None or node.faults else node.status
@@ -94,6 +96,11 @@ def run_distributed(args: argparse.Namespace) -> int:
             node.stage.abort_all()  # frees whatever a failure left behind; a finished run holds nothing
             pool = f", pool {node.stage.pool.num_free_pages}/{node.stage.pool.num_pages} pages free"
         log(f"exit {status}{pool}")
+        if node is not None and not node.transport.close():
+            # a thread still waits inside gloo on a peer that neither answers nor closes: finalizing the
+            # interpreter under it would abort the process, so leave now, with the status already decided
+            sys.stdout.flush()
+            os._exit(status)
         dist.destroy_process_group()
     return status
 
@@ -135,6 +142,8 @@ def _start(args, layout: Layout, rank: int, device, payload_device, log) -> tupl
         if failure is not None:
             raise failure from None
         raise
+    if payload_device.type == "cuda":
+        _connect_payload_pairs(layout, rank, payload_device)
 
     meta = (KV_DTYPE_CODES.index(str(pool.dtype).removeprefix("torch.")), *_digest(model_id))
     decode = layout.role(rank) == "decode"
@@ -158,6 +167,20 @@ def _start(args, layout: Layout, rank: int, device, payload_device, log) -> tupl
         node = DecodeRank(*common, stage=DecodeStage(model, pool, max_batch_size=args.max_batch_size), meta=meta)
         log(where)
     return node, model, tokenizer
+
+
+def _connect_payload_pairs(layout: Layout, rank: int, device: torch.device) -> None:
+    """NCCL creates a pair's communicator at its first send/recv, blocking both ranks until the other one joins; a
+    decode rank posting its first payload receive before acknowledging would wait for a sender that waits for the
+    acknowledgement. So every prefill-decode pair exchanges one value now, in the same order on every rank."""
+    one = torch.ones(1, device=device)
+    if layout.role(rank) == "prefill":
+        for d in layout.decode_ranks:
+            dist.send(one, d)
+    else:
+        for p in layout.prefill_ranks:
+            dist.recv(one, p)
+    torch.cuda.synchronize(device)
 
 
 def _backend(payload_device: torch.device) -> str:
@@ -297,6 +320,20 @@ def _transfer_text(row: dict[str, Any]) -> dict[str, str]:
         "transfer": (
             f"prefill rank {row['prefill_rank']} -> decode rank {row['decode_rank']}: {row['kv_transfer_bytes']:,} "
             f"bytes in {row['kv_transfer_s'] * 1e3:.3g} ms ({row['kv_transfer_bytes_per_s'] / 1e6:.4g} MB/s), "
-            f"{row['kv_ack_wait_s'] * 1e3:.3g} ms waiting for pages"
+            f"acknowledged {row['kv_ack_wait_s'] * 1e3:.3g} ms after it was offered"
         )
     }
+
+
+def format_distributed(m: dict[str, Any]) -> str:
+    """The text mode's lines on transfers, ranks and faults."""
+    lines = [
+        f"KV transfer: {m['kv_transfers']} requests, {m['kv_bytes_transferred']:,} bytes in "
+        f"{m['kv_transfer_time_s'] * 1e3:.4g} ms ({m['kv_transfer_bytes_per_s'] / 1e6:.4g} MB/s) over "
+        f"{m['payload_backend']}; {m['prefill_ranks']} prefill + {m['decode_ranks']} decode ranks"
+    ]
+    for r in m["ranks"]:
+        state = f"lost ({r['lost']})" if r["lost"] else f"pool {r['pool_free_pages']}/{r['pool_pages']} pages free"
+        delayed = f", {r['acks_delayed']} acknowledgements delayed" if r["acks_delayed"] else ""
+        lines.append(f"rank {r['rank']} {r['role']}: {state}{delayed}")
+    return "\n".join(lines + [f"fault: {f}" for f in m["faults"]])

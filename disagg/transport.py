@@ -5,19 +5,21 @@ Wire format (never pickle). A control message is a :class:`Header`: HEADER_LEN i
 Bulk data (a request's KV export, a rank's final report) is one contiguous uint8 tensor on a tag of its own, sent
 only after a header announced its size, so the receiver posts a buffer of exactly that size.
 
-Liveness. Gloo's ``Work.is_completed()`` stays False until somebody waits on the work, a wait that times out
-closes that pair of ranks for good, and a peer that exits shows up as "Connection closed by peer" inside ``wait``.
-So every posted operation is waited on exactly once, by a daemon thread, with the silence timeout, and the result
-goes to the rank's event queue:
+Liveness, from what gloo does (torch 2.13): ``Work.is_completed()`` of a send or receive stays False until
+somebody waits on it; a peer that exits shows up as "Connection closed by peer" inside ``wait``; a stalled peer
+shows up as nothing at all; and a ``wait`` that times out closes *every* pair of the rank (the whole gloo
+context), not just the one it waited on. So every posted operation is waited on exactly once, by a daemon thread,
+without a timeout, and the result goes to the rank's event queue; the timing is the main loop's, in :meth:`poll`:
 
-- while a peer may still send to this rank, a receiving thread keeps one header receive posted for it: no header
-  within the timeout, or a closed connection, means the peer is lost;
-- every send is waited on with the same timeout: its receiver always has a receive posted (a KV payload's
-  receive is posted before the payload is acknowledged), so a send not taken within it means the receiver is lost.
+- while a peer may still send to this rank, a receiving thread keeps one header receive posted for it; a peer
+  whose last header arrived more than the timeout ago, or whose connection closed, is lost;
+- a receiver always has a receive posted for what it expects (a KV payload's receive is posted before the payload
+  is acknowledged), so a send it has not taken within the timeout means it is lost as well.
 
 Each rank sends a heartbeat header from its main loop to every peer it has not sent anything to for
-``HEARTBEAT_FRACTION * timeout``, so a rank that stops making progress falls silent as well: the timeout must
-exceed a rank's longest step (on a GPU the first step includes Triton's compilation) and longest transfer.
+``HEARTBEAT_FRACTION * timeout``, so a rank that stops making progress falls silent too: the timeout must exceed a
+rank's longest step (on a GPU the first step includes Triton's compilation) and longest transfer. A wait on a
+stalled peer never returns; :meth:`Transport.close` says so, and the process then leaves with ``os._exit``.
 
 A conversation ends per direction: a header sent with ``last=True`` is the final one from its sender to that peer.
 The sender stops sending and the receiver stops receiving, so ranks that finish normally leave no operation
@@ -43,6 +45,8 @@ HEADER_LEN = 12
 HEADER_TAG, REPORT_TAG, PAYLOAD_TAG0 = 0, 1, 2  # request i's KV export travels on tag PAYLOAD_TAG0 + i
 MAGIC = 0x70686173_6174746E  # "phasattn": a header from anything else is refused
 HEARTBEAT_FRACTION = 0.2
+_NEVER = timedelta(days=7)  # how long waits inside gloo may take: never in practice, since a timeout there kills
+#                             every pair of the rank; silence is judged by Transport.poll instead
 
 
 class Kind(enum.IntEnum):
@@ -83,27 +87,26 @@ class Header:
         return cls(Kind(values[1]), values[4], values[3], tuple(values[5:]), bool(values[2]))
 
 
-def lost_reason(e: BaseException, timeout_s: float) -> str:
+def lost_reason(e: BaseException) -> str:
     """Why a peer counts as lost, in words, from what a wait on it raised."""
     text = str(e)
     if "closed by peer" in text or "reset by peer" in text:
-        return "its connection closed (the process exited)"
-    if "imed out" in text or "timeout" in text:
-        return f"no message for {timeout_s:g} s"
+        return "connection closed: the process exited"
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 class Pending:
-    """One posted isend/irecv, waited on by a daemon thread. ``done`` is set when it completes, fails or times
-    out; then ``error`` says why it failed (None: it completed), ``finished`` says when (perf_counter), and
+    """One posted isend/irecv to or from ``peer``, waited on by a daemon thread. ``done`` is set when it completes
+    or fails; then ``error`` says why it failed (None: it completed), ``finished`` says when (perf_counter), and
     ``on_done(self)`` runs on that thread. ``tensor`` stays alive until then."""
 
-    def __init__(self, work: dist.Work, tensor: torch.Tensor, started: float, timeout_s: float, on_done: Callable):
-        self.tensor, self.started, self.timeout_s = tensor, started, timeout_s
+    def __init__(self, peer: int, work: dist.Work, tensor: torch.Tensor, started: float, on_done: Callable):
+        self.peer, self.tensor, self.started = peer, tensor, started
         self.finished: float | None = None
         self.error: str | None = None
         self.done = threading.Event()
-        threading.Thread(target=self._wait, args=(work, on_done), daemon=True).start()
+        self.thread = threading.Thread(target=self._wait, args=(work, on_done), daemon=True)
+        self.thread.start()
 
     @property
     def seconds(self) -> float:
@@ -118,13 +121,11 @@ class Pending:
         try:
             if self.tensor.is_cuda:  # NCCL's wait() only orders the current stream: poll the host-side status
                 while not work.is_completed():
-                    if time.perf_counter() - self.started > self.timeout_s:
-                        raise TimeoutError("timed out")
                     time.sleep(0.0005)
             else:
-                work.wait(timedelta(seconds=self.timeout_s))
+                work.wait(_NEVER)
         except Exception as e:  # gloo raises RuntimeError or DistBackendError carrying the transport's message
-            self.error = lost_reason(e, self.timeout_s)
+            self.error = lost_reason(e)
         self.finished = time.perf_counter()
         self.done.set()
         on_done(self)
@@ -132,13 +133,14 @@ class Pending:
 
 @dataclass
 class Event:
-    """What the main loop hears about a peer: a header arrived, a bulk transfer finished (``done``; check its
-    ``error``), or the peer is lost (``lost``: why)."""
+    """What the main loop hears about a peer: a header arrived (at perf_counter ``at``), a bulk transfer finished
+    (``done``; check its ``error``), or the peer is lost (``lost``: why)."""
 
     peer: int
     header: Header | None = None
     done: Pending | None = None
     lost: str | None = None
+    at: float = 0.0
 
 
 class Transport:
@@ -166,9 +168,12 @@ class Transport:
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._post_lock = threading.Lock()  # the main and the receiving threads post one at a time
         self._sends: list[Pending] = []
+        self._threads: list[tuple[int, threading.Thread]] = []  # (peer, a thread waiting inside torch.distributed)
         self._last_sent = dict.fromkeys(self.sending, time.perf_counter())
+        self._last_heard = dict.fromkeys(self.sending, time.perf_counter())
         for peer in sorted(self.receiving):
-            threading.Thread(target=self._receive_headers, args=(peer,), daemon=True).start()
+            self._threads.append((peer, threading.Thread(target=self._receive_headers, args=(peer,), daemon=True)))
+            self._threads[-1][1].start()
 
     # --- sending -----------------------------------------------------------------------------------------------
     def send(self, peer: int, kind: Kind, request: int = -1, fields: tuple[int, ...] = (), last: bool = False) -> None:
@@ -202,11 +207,21 @@ class Transport:
                 self.send(peer, Kind.HEARTBEAT)
 
     def flush(self) -> None:
-        """Wait (at most the timeout) until every send has completed or failed, so that a rank exiting next has
-        delivered its last messages."""
+        """Wait (at most the timeout) until every send to a peer not lost has completed or failed, so that a rank
+        exiting next has delivered its last messages."""
         deadline = time.perf_counter() + self.timeout_s
         for p in self._sends:
-            p.done.wait(max(0.0, deadline - time.perf_counter()))
+            if p.peer not in self.lost:
+                p.done.wait(max(0.0, deadline - time.perf_counter()))
+
+    def close(self) -> bool:
+        """Wait (at most the timeout for peers not lost, a moment for lost ones) until no thread of this transport
+        waits inside torch.distributed; False if one still does (on a stalled peer, it never returns). After a
+        normal end none does."""
+        deadline = time.perf_counter() + self.timeout_s
+        for peer, t in self._threads:
+            t.join(max(0.0, (deadline if peer not in self.lost else time.perf_counter() + 0.1) - time.perf_counter()))
+        return not any(t.is_alive() for _, t in self._threads)
 
     def _post(self, peer: int, tensor: torch.Tensor, tag: int, *, send: bool, on_done: Callable) -> Pending | None:
         started = time.perf_counter()
@@ -214,9 +229,10 @@ class Transport:
             with self._post_lock:
                 work = (dist.isend if send else dist.irecv)(tensor, peer, tag=tag)
         except Exception as e:  # the pair is closed already
-            self._events.put(Event(peer, lost=lost_reason(e, self.timeout_s)))
+            self._events.put(Event(peer, lost=lost_reason(e)))
             return None
-        pending = Pending(work, tensor, started, self.timeout_s, lambda p: on_done(peer, p))
+        pending = Pending(peer, work, tensor, started, lambda p: on_done(peer, p))
+        self._threads = [(q, t) for q, t in self._threads if t.is_alive()] + [(peer, pending.thread)]
         if send:
             self._sends = [p for p in self._sends if not p.done.is_set()] + [pending]
         return pending
@@ -237,18 +253,19 @@ class Transport:
             try:
                 with self._post_lock:
                     work = dist.irecv(buf, peer, tag=HEADER_TAG)
-                work.wait(timedelta(seconds=self.timeout_s))
+                work.wait(_NEVER)
                 header = Header.decode(buf)
             except Exception as e:
-                self._events.put(Event(peer, lost=lost_reason(e, self.timeout_s)))
+                self._events.put(Event(peer, lost=lost_reason(e)))
                 return
-            self._events.put(Event(peer, header=header))
+            self._events.put(Event(peer, header=header, at=time.perf_counter()))
             if header.last:
                 return
 
     def poll(self, wait_s: float) -> list[Event]:
-        """The events since the last poll, waiting up to ``wait_s`` for the first. A lost peer is reported once,
-        and headers from it are dropped afterwards (finished transfers are always reported)."""
+        """The events since the last poll, waiting up to ``wait_s`` for the first, then a loss for every peer silent
+        for the timeout or not taking a send for as long. A lost peer is reported once, and headers from it are
+        dropped afterwards (finished transfers are always reported)."""
         events = []
         try:
             events.append(self._events.get(timeout=wait_s) if wait_s > 0 else self._events.get_nowait())
@@ -256,6 +273,16 @@ class Transport:
                 events.append(self._events.get_nowait())
         except queue.Empty:
             pass
+        for e in events:
+            if e.header is not None:
+                self._last_heard[e.peer] = max(self._last_heard[e.peer], e.at)
+        now = time.perf_counter()
+        silent = {p for p in self.receiving if now - self._last_heard[p] > self.timeout_s}
+        stuck = {p.peer for p in self._sends if not p.done.is_set() and now - p.started > self.timeout_s}
+        stuck -= set(self.lost)
+        for peer in sorted(silent | stuck):
+            what = "no message from it" if peer in silent else "a message to it not taken"
+            events.append(Event(peer, lost=f"{what} for {self.timeout_s:g} s"))
         kept = []
         for e in events:
             if e.peer in self.lost and e.done is None:
