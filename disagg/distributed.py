@@ -131,7 +131,8 @@ def _start(args, layout: Layout, rank: int, device, payload_device, log) -> tupl
         failure = e
     model_id = options = None
     if failure is None:
-        model_id = {"fingerprint": fingerprint(model), "kv_dtype": str(pool.dtype), "kv_scale": pool.kv_scale}
+        kv_dtype = str(pool.dtype).removeprefix("torch.")
+        model_id = {"fingerprint": fingerprint(model), "kv_dtype": kv_dtype, "kv_scale": pool.kv_scale}
         options = {
             "requests": [[r.prompt_ids, r.sampling.to_dict()] for r in requests],
             "options": {k: v for k, v in vars(args).items() if k not in _NOT_CHECKED},
@@ -145,7 +146,7 @@ def _start(args, layout: Layout, rank: int, device, payload_device, log) -> tupl
     if payload_device.type == "cuda":
         _connect_payload_pairs(layout, rank, payload_device)
 
-    meta = (KV_DTYPE_CODES.index(str(pool.dtype).removeprefix("torch.")), *_digest(model_id))
+    meta = (KV_DTYPE_CODES.index(model_id["kv_dtype"]), *_digest(model_id))
     decode = layout.role(rank) == "decode"
     free_pages = (lambda: pool.num_free_pages) if decode else (lambda: -1)
     transport = Transport(rank, layout.peers(rank), args.timeout, free_pages, payload_device)
