@@ -17,10 +17,10 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from disagg._kernels import write_kv_cache
+import kernels
 from disagg.errors import PoolFullError
 
-PAGE_SIZES = (8, 16, 32, 64, 128, 256)
+PAGE_SIZES = (8, 16, 32, 64, 128, 256)  # what the paged kernels accept
 FP8 = torch.float8_e4m3fn
 
 
@@ -118,7 +118,7 @@ class KVPool:
     # --- data ------------------------------------------------------------------------------------------------
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Store freshly computed k, v (tokens, num_kv_heads, head_dim) at ``slots`` (quantized for fp8)."""
-        write_kv_cache(k, v, self.k[layer], self.v[layer], slots, k_scale=self._scale, v_scale=self._scale)
+        kernels.write_kv_cache(k, v, self.k[layer], self.v[layer], slots, k_scale=self._scale, v_scale=self._scale)
 
     def read_tokens(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored K, V of ``slots`` as token-major (tokens, num_kv_heads, head_dim) tensors in the cache dtype."""

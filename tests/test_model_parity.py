@@ -45,7 +45,7 @@ ARCHS = {
     "qwen2-bias-tied": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=True)),
 }
 PROMPTS = [list(range(3, 23)), [200, 17, 5, 99, 1, 42, 42, 7, 250, 64, 128, 3, 9]]  # 20 and 13 tokens
-NEW_TOKENS = 6
+NEW_TOKENS = 4
 
 
 def randomize(model, seed):
