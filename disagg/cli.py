@@ -129,13 +129,13 @@ def _report(args, model, tokenizer, outputs: list[RequestOutput], metrics: dict[
             f" on {metrics['device']}"
         )
         for o in outputs:
-            n = len(o.prompt_ids)
-            print(f"\n[{o.request_id}] prompt {_show(tokenizer, o.prompt_ids)} ({n} token{'s' * (n != 1)})")
+            print(f"\n[{o.request_id}] prompt {_show(tokenizer, o.prompt_ids)} ({_count(len(o.prompt_ids), 'token')})")
             if o.error is not None:
                 print(f"    error: {o.error}")
                 continue
-            n = len(o.output_ids)
-            print(f"    output {_show(tokenizer, o.output_ids)} ({n} token{'s' * (n != 1)}, {o.finish_reason})")
+            print(
+                f"    output {_show(tokenizer, o.output_ids)} ({_count(len(o.output_ids), 'token')}, {o.finish_reason})"
+            )
             for key, value in (extra or {}).get(o.request_id, {}).items():
                 print(f"    {key}: {value}")
         print("\n" + format_metrics(metrics))
@@ -145,6 +145,10 @@ def _report(args, model, tokenizer, outputs: list[RequestOutput], metrics: dict[
 def _show(tokenizer: Tokenizer | None, ids: list[int]) -> str:
     ids_text = ",".join(map(str, ids)) if len(ids) <= 24 else ",".join(map(str, ids[:24])) + ",..."
     return f"{tokenizer.decode(ids)!r} [{ids_text}]" if tokenizer is not None else f"[{ids_text}]"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def _mode() -> dict[str, str]:
@@ -170,9 +174,11 @@ def format_metrics(m: dict[str, Any]) -> str:
     )
     kv = []
     if m["exports"]:
-        kv.append(f"KV export: {m['exports']} requests, {m['kv_bytes_exported']:,} bytes, {f(m['export_time_s'])}")
+        kv.append(
+            f"KV export: {m['kv_bytes_exported']:,} bytes for {_count(m['exports'], 'request')}, {f(m['export_time_s'])}"
+        )
     if m["imports"]:
-        kv.append(f"KV import: {m['imports']} requests, {f(m['import_time_s'])}")
+        kv.append(f"KV import: {_count(m['imports'], 'request')}, {f(m['import_time_s'])}")
     if m["decode_steps"]:
         kv.append(f"decode: {m['decode_steps']} steps, mean batch {f(m['mean_decode_batch'], '')}")
     lines += ["   ".join(kv)] if kv else []
