@@ -160,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     from bench.ceilings import measure_ceilings
     from bench.runner import RunContext
 
-    log = tqdm.write
+    def log(line: str) -> None:  # flushed: a run killed at its time limit still shows its lines
+        tqdm.write(line)
+        sys.stdout.flush()
+
     device = torch.device(kernels._runtime.DEVICE_TYPE)
     if device.type == "cpu" and not args.smoke:
         print("no CUDA device: only `--smoke` runs here (its numbers are not performance numbers)", file=sys.stderr)

@@ -71,8 +71,9 @@ def _failure(exc: BaseException, caught: list[warnings.WarningMessage]) -> str:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return "skipped: out of device memory"
     if refusal:
-        why = "; ".join(str(w.message).strip().splitlines()[0] for w in caught if "because" in str(w.message))
-        return f"skipped: refuses this shape ({why or text})"
+        # On CUDA the backend explains itself in warnings ("... not used because:", then the reasons).
+        why = list(dict.fromkeys(line for w in caught for line in str(w.message).strip().splitlines()[:1]))
+        return f"skipped: refuses this shape ({'; '.join(why)[:400] or text})"
     return f"error: {text}"
 
 
