@@ -24,7 +24,10 @@ aligned bottom-right (query i of a sequence sees key j iff j <= i + Lk - Lq), as
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -271,43 +274,65 @@ def _prefill_kernel(
         tl.store(Lse + (q_start + rows).to(tl.int64) * num_q_heads + head, lse, mask=row_ok)
 
 
-def _configs() -> list[triton.Config]:
-    if _runtime.INTERPRET:  # the interpreter runs one config; big tiles mean few programs, which is what is slow
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    configs = []
-    for bm, bn, warps, stages in [
-        (128, 128, 8, 3),
-        (128, 64, 8, 3),
-        (128, 64, 4, 3),
-        (128, 128, 8, 2),
-        (128, 64, 8, 4),
-        (64, 64, 4, 3),
-        (64, 128, 4, 3),
-        (128, 32, 4, 3),
-        (64, 32, 4, 2),
-    ]:
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
-    return configs
+def default_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """The heuristic tile config (used in the interpreter, and on the GPU when autotuning is off)."""
+    if _runtime.INTERPRET:  # big tiles = few programs, which is what makes the interpreter fast
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+    if dtype == torch.float32:
+        return {"BLOCK_M": 64 if head_dim <= 64 else 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    if head_dim <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    if head_dim <= 128:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+TUNING_SPACE = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    (128, 128, 8, 3),
+    (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (128, 128, 8, 2),
+    (128, 64, 8, 4),
+    (64, 64, 4, 3),
+    (64, 128, 4, 3),
+    (128, 32, 4, 3),
+    (64, 32, 4, 2),
+]
+
+
+def _fits(config: triton.Config, block_d: int, elem: int) -> bool:
+    """Whether a tile config's shared memory (q tile + pipelined K/V tiles) fits comfortably on the SM."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    smem = (bm * block_d + config.num_stages * 2 * bn * block_d) * elem
+    return smem <= 200 * 1024 and not (block_d >= 256 and bm * bn > 128 * 64)
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles whose shared-memory footprint cannot fit (large head dims), keep everything else."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     elem = named_args["Q"].element_size()
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        smem = (bm * block_d + c.num_stages * 2 * bn * block_d) * elem
-        if smem <= 200 * 1024 and not (block_d >= 256 and bm * bn > 128 * 64):
-            kept.append(c)
-    return kept or configs[-1:]
+    return [c for c in configs if _fits(c, block_d, elem)] or configs[-1:]
 
 
-_kernel = triton.autotune(
-    configs=_configs(),
-    key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "seqlen_bucket", "GROUP"],
-    prune_configs_by={"early_config_prune": _prune} if not _runtime.INTERPRET else None,
+_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in TUNING_SPACE],
+    key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "seqlen_bucket", "GROUP", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune},
 )(_prefill_kernel)
+
+
+_forced_config: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prefill_config", default=None)
+
+
+@contextlib.contextmanager
+def use_config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> Iterator[None]:
+    """Run prefill_attention with one explicit tile config (tuning scripts, and tests of every config)."""
+    token = _forced_config.set(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+    )
+    try:
+        yield
+    finally:
+        _forced_config.reset(token)
 
 
 def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int) -> int:
@@ -419,7 +444,12 @@ def prefill_attention(
                 raise ValueError(f"max_seqlen_q={max_seqlen_q} needs more than {MAX_GRID_YZ} query tiles")
             return (num_q_heads, batch, m_blocks)
 
-        _kernel[grid](
+        forced = _forced_config.get()
+        if forced is None and _runtime.AUTOTUNE:
+            kernel, config = _autotuned, {}
+        else:
+            kernel, config = _prefill_kernel, forced or default_config(head_dim, q.dtype)
+        kernel[grid](
             q,
             k,
             v,
@@ -444,6 +474,7 @@ def prefill_attention(
             HAS_SOFTCAP=softcap is not None,
             STORE_LSE=return_lse,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            **config,
         )
     elif return_lse:
         lse.fill_(float("-inf"))
