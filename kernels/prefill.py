@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels import _runtime, _validate
-from kernels._jit import LOG2E, online_softmax_step, scale_scores, softmax_finish
+from kernels._jit import online_softmax_step, scale_scores, softmax_finish
 
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 MAX_GRID_YZ = 65535
@@ -462,7 +462,7 @@ def prefill_attention(
             *v.stride(),
             *out.stride(),
             num_q_heads,
-            scale * LOG2E,
+            scale * math.log2(math.e),
             float(softcap or 0.0),
             int(window or 0),
             min(triton.next_power_of_2(max(max_seqlen_q, 1)), 16384),
