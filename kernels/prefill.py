@@ -278,13 +278,13 @@ def default_config(head_dim: int, dtype: torch.dtype) -> dict:
     """The heuristic tile config (used in the interpreter, and on the GPU when autotuning is off)."""
     if _runtime.INTERPRET:  # big tiles = few programs, which is what makes the interpreter fast
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
-    if dtype == torch.float32:
-        return {"BLOCK_M": 64 if head_dim <= 64 else 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    if dtype == torch.float32:  # IEEE fp32 dots are FMA loops: small tiles, many warps, or they spill
+        return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2}
     if head_dim <= 64:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
     if head_dim <= 128:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 
 
 TUNING_SPACE = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
@@ -297,6 +297,7 @@ TUNING_SPACE = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     (64, 128, 4, 3),
     (128, 32, 4, 3),
     (64, 32, 4, 2),
+    (64, 64, 8, 2),
 ]
 
 
