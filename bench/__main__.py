@@ -68,11 +68,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="only the headline shapes the README quotes")
     p.add_argument("--out", type=Path, help="results file (default: bench/results/<device>-<date>.json)")
     p.add_argument("--budget-s", type=float, help="start no new shape after this many seconds; the results say so")
-    p.add_argument("--peers", type=_choices(peers.PEERS), default=peers.PEERS, help="comma list, or 'none'")
+    p.add_argument(
+        "--peers",
+        type=_choices(peers.PEERS),
+        default=peers.PEERS,
+        help=f"comma list of {','.join(peers.PEERS)}, or 'none'",
+    )
+    p.add_argument(
+        "--sweep-peers",
+        type=_choices(peers.PEERS),
+        help="peers for the sweep shapes (default: --peers); the headline shapes always get --peers",
+    )
+    p.add_argument(
+        "--no-autotune",
+        action="store_true",
+        help="our kernels use their heuristic tile configs (PHASEATTN_AUTOTUNE=0): no autotuning cost",
+    )
     g = p.add_argument_group("prefill sweep")
     g.add_argument("--seqlens", type=_ints, help="e.g. 512,1k,2k,4k,8k,16k")
     g.add_argument("--head-dims", type=_ints, help="e.g. 128,64,256")
-    g.add_argument("--causal", choices=("both", "causal", "full"), default="both")
+    g.add_argument("--causal", choices=("both", "causal", "full"), help="masks to sweep (default: both)")
     g.add_argument("--total-tokens", type=_ints, help="tokens per prefill batch (batch = total / seqlen)")
     g = p.add_argument_group("decode sweep")
     g.add_argument("--batches", type=_ints, help="e.g. 1,4,16,64,256")
@@ -105,7 +120,8 @@ def build_cases(args: argparse.Namespace) -> list:
     if "prefill" in phases:
         lists["prefill"] = prefill.headline(smoke)
         if not args.quick:
-            causal = {"both": (True, False), "causal": (True,), "full": (False,)}[args.causal]
+            masks = {"both": (True, False), "causal": (True,), "full": (False,), None: None}[args.causal]
+            causal = masks or (prefill.SMOKE_CAUSAL if smoke else (True, False))
             lists["prefill"] += prefill.cases(
                 seqlens=args.seqlens or (prefill.SMOKE_SEQLENS if smoke else prefill.DEFAULT_SEQLENS),
                 head_dims=args.head_dims or (prefill.SMOKE_HEAD_DIMS if smoke else prefill.DEFAULT_HEAD_DIMS),
@@ -143,9 +159,11 @@ def default_out(env: dict, smoke: bool) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Both decided before kernels is imported: smoke runs always go through the interpreter on CPU.
     if args.smoke:
-        # Decided before kernels is imported: smoke runs always go through the interpreter on CPU.
         os.environ["TRITON_INTERPRET"] = "1"
+    if args.no_autotune:
+        os.environ["PHASEATTN_AUTOTUNE"] = "0"
     if args.cache_dir:
         cache = args.cache_dir.resolve()
         os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")
@@ -202,11 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     cases = build_cases(args)
+    sweep_peers = args.peers if args.sweep_peers is None else args.sweep_peers
     status, not_run = "complete", 0
     # The bar shows on a terminal; captured output (disable=None: not a TTY) gets an [i/n] prefix per line instead.
     bar = tqdm(cases, desc="shapes", unit="shape", file=sys.stderr, mininterval=2.0, dynamic_ncols=True, disable=None)
     for i, case in enumerate(bar):
         ctx.log = lambda line, i=i: log(f"[{i + 1}/{len(cases)}] {line}")
+        ctx.peers = args.peers if case.tier == "headline" else sweep_peers
         if args.budget_s is not None and time.monotonic() - start > args.budget_s:
             status, not_run = f"stopped: time budget of {args.budget_s:.0f} s reached", len(cases) - i
             log(f"{status}; {not_run} shapes not run")

@@ -19,6 +19,12 @@ for step in "$@"; do
         --error-exitcode 9 python3 bench/sanitize_cases.py 2>&1 | tee "$OUT/sanitizer.log" | tail -8 ;;
     tune-prefill)
       timeout 420 python3 bench/tune_prefill.py --out "$OUT" 2>&1 | tee "$OUT/tune_prefill.log" | tail -30 ;;
+    bench-quick)
+      timeout 230 python3 -m bench all --quick --budget-s 170 --out "$OUT/bench-quick.json" \
+        2>&1 | tee "$OUT/bench_quick.log" | tail -40 ;;
+    bench-sweep)
+      timeout 480 python3 -m bench all --no-autotune --sweep-peers sdpa-flash,sdpa-cudnn --rep-ms 50 \
+        --budget-s 380 --out "$OUT/bench-sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac
 done

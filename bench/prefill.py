@@ -23,7 +23,8 @@ DEFAULT_HEADS = ((32, 8), (32, 32))
 DEFAULT_TOTAL_TOKENS = 16384
 HEADLINE = ((8192, 128, True, 32, 8), (16384, 128, True, 32, 8))  # seqlen, head_dim, causal, q_heads, kv_heads
 
-SMOKE_SEQLENS = (128,)
+SMOKE_SEQLENS = (64, 128)
+SMOKE_CAUSAL = (True,)  # on CPU each new mask is a FlexAttention compile of ~20 s; a new length costs less
 SMOKE_HEAD_DIMS = (64,)
 SMOKE_HEADS = ((4, 2),)
 SMOKE_TOTAL_TOKENS = 256
@@ -118,13 +119,17 @@ class PrefillCase:
 
 
 def _record_autotuned_config(ctx: RunContext, entry: dict) -> None:
-    """Keep the tile configuration the autotuner chose for our kernel next to its time (for bench/NOTES.md)."""
-    from kernels import prefill
+    """Keep the tile configuration our kernel ran with next to its time (for bench/NOTES.md): the autotuner's
+    choice, or the heuristic default when autotuning is off (PHASEATTN_AUTOTUNE=0, ``--no-autotune``)."""
+    from kernels import _runtime, prefill
 
-    best = getattr(prefill._kernel, "best_config", None)
-    if entry["status"] == "ok" and best is not None:
-        entry["autotuned_config"] = str(best)
-        ctx.results.write()
+    if entry["status"] != "ok":
+        return
+    if _runtime.AUTOTUNE:
+        entry["tile_config"] = f"autotuned: {getattr(prefill._autotuned, 'best_config', None)}"
+    else:
+        entry["tile_config"] = f"default: {prefill.default_config(entry['shape']['head_dim'], DTYPE)}"
+    ctx.results.write()
 
 
 def cases(

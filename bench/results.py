@@ -125,6 +125,8 @@ def environment(device: torch.device, interpret: bool) -> dict[str, Any]:
     """Where and with what the numbers were taken."""
     import triton
 
+    from kernels import _runtime
+
     commit = _git("rev-parse", "HEAD")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     env: dict[str, Any] = {
@@ -138,6 +140,7 @@ def environment(device: torch.device, interpret: bool) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "kernels_mode": "Triton interpreter (CPU)" if interpret else "compiled (CUDA)",
+        "kernels_autotune": _runtime.AUTOTUNE,
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -137,6 +137,8 @@ def test_sweep_options_and_deduplication():
     keys = [c.key for c in build_cases(args) if c.tier == "sweep"]
     assert keys == [("decode", b, 1024, 64, "fp8", 32, kv) for kv in (8, 32) for b in (1, 2)]
     assert parse_args(["all", "--peers", "none"]).peers == ()
+    assert parse_args(["all", "--sweep-peers", "sdpa-flash"]).sweep_peers == ("sdpa-flash",)
+    assert parse_args(["all"]).sweep_peers is None  # the sweep then gets --peers
     assert parse_args(["all", "--peers", "flex,sdpa-flash"]).peers == ("flex", "sdpa-flash")
     for bad in (["all", "--peers", "cutlass"], ["all", "--heads", "32/5"], ["all", "--seqlens", "1x"]):
         with pytest.raises(SystemExit):
