@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from bench import peers, timing
-from bench.results import not_measured
+from bench.results import not_measured, shape_label
 from bench.runner import Contender, RunContext, run_all
 from disagg import roofline
 
@@ -171,7 +171,7 @@ class DecodeCase:
             )
             ctx.results.add(entry)
             entries.append(entry)
-        ctx.log(f"decode  {self.shape}: skipped: {why}")
+        ctx.log(f"decode  {shape_label(self.phase, self.shape)}: skipped: {why}")
         return entries
 
     def _fill(self, ctx: RunContext, sets: int) -> dict:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bench import timing
-from bench.results import Ceilings, ResultsFile, measurement, not_measured
+from bench.results import Ceilings, ResultsFile, measurement, not_measured, shape_label
 
 AGREE_TOL = 3e-2
 """max_rel_err above which a contender is flagged as disagreeing with ours (bf16 outputs: a few ulps at most)."""
@@ -144,8 +144,6 @@ def run_all(
 
 
 def _line(e: dict[str, Any], wall_s: float) -> str:
-    from bench.results import shape_label
-
     head = f"{e['phase']:<7} {shape_label(e['phase'], e['shape']):<44} {e['contender']:<24}"
     if e["status"] != "ok":
         return f"{head} {e['status'][:100]}"
