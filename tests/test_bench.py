@@ -188,7 +188,8 @@ def test_smoke_writes_a_valid_results_file(smoke_run):
     decode_ours = by[("decode", "phaseattn")]
     assert len(decode_ours) == 4 and {m["shape"]["kv_dtype"] for m in decode_ours} == {"bf16", "fp8"}
     if hasattr(kernels, "paged_decode_attention"):
-        assert all(m["status"] == "ok" for m in decode_ours)
+        # Split-KV planned outside the timed region (no host sync in the timed launch).
+        assert all(m["status"] == "ok" and isinstance(m["num_splits"], int) for m in decode_ours)
         for m in by[("decode", "sdpa-flash")] + by[("decode", "sdpa-flash+gather")] + by[("decode", "flex")]:
             assert m["status"] == "ok" and m["agrees_with_ours"], m
     else:
