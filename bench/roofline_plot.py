@@ -117,12 +117,24 @@ def _spans(ax, roof: rl.Roofline, curves: dict[str, dict[str, np.ndarray]]) -> N
         keep = (c["x"] >= 512) & (c["x"] <= 16384) if key.startswith("prefill") else np.ones_like(c["x"], bool)
         lo, hi = c["ai"][keep].min(), c["ai"][keep].max()
         y = 0.05 + 0.06 * i
-        ax.plot([lo, hi], [y, y], transform=trans, lw=5, solid_capstyle="butt", alpha=0.6, color=_style(key)["color"])
+        ax.plot(
+            [lo, hi],
+            [y, y],
+            transform=trans,
+            lw=5,
+            solid_capstyle="butt",
+            alpha=0.6,
+            color=_style(key)["color"],
+            label="analytic: intensity range of a phase (bars)" if i == 0 else None,
+        )
         ax.annotate(label, (lo, y), xycoords=trans, textcoords="offset points", xytext=(0, 5), fontsize=7.5)
+    first = True
     for name, c in curves.items():
         if name.startswith("decode attention"):
             ai = c["ai"][0]
-            ax.plot([ai], [roof.attainable(ai) / 1e12], "D", mfc="none", ms=7, color="0.4")
+            label = "analytic: roof at decode attention's intensity" if first else None
+            ax.plot([ai], [roof.attainable(ai) / 1e12], "D", mfc="none", ms=7, color="0.4", label=label)
+            first = False
             short = name.replace("decode attention, ", "decode attn ").replace(" KV", "")
             ax.annotate(short, (ai, roof.attainable(ai) / 1e12), textcoords="offset points", xytext=(7, -4), fontsize=7)
 
