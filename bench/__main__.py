@@ -102,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--memory-fraction", type=float, default=0.85, help="of the free device memory shapes may use")
     g.add_argument("--cache-dir", type=Path, help="Triton/Inductor compile cache to reuse across runs")
     g.add_argument("--seed", type=int, default=0)
+    p.add_argument("--commit", help="the project's git commit, recorded when the tree has no .git (copied checkouts)")
     args = p.parse_args(argv)
     if args.total_tokens is not None and len(args.total_tokens) != 1:
         p.error("--total-tokens takes one value")
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and not args.smoke:
         print("no CUDA device: only `--smoke` runs here (its numbers are not performance numbers)", file=sys.stderr)
         return 2
-    env = results.environment(device, kernels.INTERPRET)
+    env = results.environment(device, kernels.INTERPRET, args.commit)
     out = args.out or default_out(env, args.smoke)
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
     file = results.ResultsFile(out, command=command, env=env, smoke=args.smoke)

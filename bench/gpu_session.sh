@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device-tool call: check the suite compiled on the GPU, run compute-sanitizer on the kernels, tune and time.
 # Usage: bash bench/gpu_session.sh STEP...   (steps: env tests sanitize tune-prefill bench-quick bench-sweep)
-# Logs and results land in $OUT (the device tool brings them back).
+# Logs and results land in $OUT (the device tool brings them back). PHASEATTN_COMMIT=<sha> names the commit in
+# the bench results when the copied tree has no .git.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
@@ -20,11 +21,12 @@ for step in "$@"; do
     tune-prefill)
       timeout 420 python3 bench/tune_prefill.py --out "$OUT" 2>&1 | tee "$OUT/tune_prefill.log" | tail -30 ;;
     bench-quick)
-      timeout 230 python3 -m bench all --quick --budget-s 170 --out "$OUT/bench-quick.json" \
-        2>&1 | tee "$OUT/bench_quick.log" | tail -40 ;;
+      timeout 230 python3 -m bench all --quick --budget-s 170 ${PHASEATTN_COMMIT:+--commit $PHASEATTN_COMMIT} \
+        --out "$OUT/bench-quick.json" 2>&1 | tee "$OUT/bench_quick.log" | tail -40 ;;
     bench-sweep)
-      timeout 480 python3 -m bench all --no-autotune --sweep-peers sdpa-flash,sdpa-cudnn --rep-ms 50 \
-        --budget-s 380 --out "$OUT/bench-sweep.json" 2>&1 | tee "$OUT/bench_sweep.log" | tail -40 ;;
+      timeout 480 python3 -m bench all --no-autotune --sweep-peers sdpa-flash,sdpa-cudnn --rep-ms 50 --budget-s 380 \
+        ${PHASEATTN_COMMIT:+--commit $PHASEATTN_COMMIT} --out "$OUT/bench-sweep.json" \
+        2>&1 | tee "$OUT/bench_sweep.log" | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac
 done

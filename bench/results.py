@@ -121,17 +121,19 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def environment(device: torch.device, interpret: bool) -> dict[str, Any]:
-    """Where and with what the numbers were taken."""
+def environment(device: torch.device, interpret: bool, commit: str | None = None) -> dict[str, Any]:
+    """Where and with what the numbers were taken. ``commit`` names the project's commit when the code runs from
+    a copied tree without ``.git`` (as on a lent GPU machine); otherwise git is asked."""
     import triton
 
     from kernels import _runtime
 
-    commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    found = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no") if found else None
     env: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": commit or "unknown (not a git checkout)",
+        "git_commit": found or commit or "unknown (not a git checkout; pass --commit)",
+        "git_commit_source": "git" if found else "--commit" if commit else None,
         "git_dirty": bool(dirty) if dirty is not None else None,
         "torch": torch.__version__,
         "triton": triton.__version__,
