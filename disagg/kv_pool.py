@@ -123,15 +123,24 @@ class KVPool:
     def read_tokens(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored K, V of ``slots`` as token-major (tokens, num_kv_heads, head_dim) tensors in the cache dtype."""
         idx = slots.to(self.device)
-        flat = (-1, self.num_kv_heads, self.head_dim)
-        return self.k[layer].view(flat)[idx], self.v[layer].view(flat)[idx]
+        return self._as_cache(self._slots_view(self.k[layer])[idx]), self._as_cache(
+            self._slots_view(self.v[layer])[idx]
+        )
 
     def load_tokens(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K, V already in the cache dtype (an imported export) at ``slots``, bit for bit."""
         idx = slots.to(self.device)
-        flat = (-1, self.num_kv_heads, self.head_dim)
-        self.k[layer].view(flat)[idx] = k.to(self.device)
-        self.v[layer].view(flat)[idx] = v.to(self.device)
+        self._slots_view(self.k[layer])[idx] = self._slots_view(k.to(self.device))
+        self._slots_view(self.v[layer])[idx] = self._slots_view(v.to(self.device))
+
+    def _slots_view(self, t: torch.Tensor) -> torch.Tensor:
+        """(slots, num_kv_heads, head_dim) view of a cache or of token-major K/V; fp8 is viewed as its bytes, since
+        indexing kernels for float8 dtypes are not available on every device."""
+        t = t.view(torch.uint8) if t.dtype == FP8 else t
+        return t.view(-1, self.num_kv_heads, self.head_dim)
+
+    def _as_cache(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(FP8) if self.dtype == FP8 else t
 
     @property
     def scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from disagg import tiny
+from disagg.attention import PrefillBatch
 from disagg.decode import DecodeStage
 from disagg.engine import Engine, make_pool
 from disagg.export import read_export_file, write_export
@@ -55,8 +56,6 @@ def test_greedy_decode_agrees_with_prefill_of_the_whole_sequence(model, referenc
         seq = o.prompt_ids + o.output_ids[:-1]
         pool = make_pool(model, num_pages=4)
         pool.allocate("s", len(seq))
-        from disagg.attention import PrefillBatch
-
         batch = PrefillBatch(
             pool, torch.tensor([0, len(seq)], dtype=torch.int32), len(seq), pool.slots("s", 0, len(seq))
         )
