@@ -2,7 +2,8 @@
 
 - ``run``: both stages in one process; prints each request's output and a metrics table (``--json``: one JSON
   document ``{"requests": [...], "metrics": {...}}``).
-- ``prefill --export-dir DIR``: the prefill stage alone; writes one ``request-NNNNNN.safetensors`` per request.
+- ``prefill --export-dir DIR``: the prefill stage alone; writes one ``request-NNNNNN.safetensors`` per request
+  into DIR (new or without exports, so decode never mixes two runs).
 - ``decode --import-dir DIR``: the decode stage alone, over every export in DIR (in file-name order); its output
   equals what ``run`` prints for the same requests.
 
@@ -30,7 +31,6 @@ from disagg.errors import EngineError
 from disagg.export import read_export_file, write_export
 from disagg.kv_pool import PAGE_SIZES
 from disagg.loader import load_model
-from disagg.metrics import Metrics
 from disagg.prefill import PrefillStage
 from disagg.request import Request, RequestOutput, SamplingParams
 from disagg.tokenizer import Tokenizer
@@ -209,6 +209,8 @@ def cmd_prefill(args: argparse.Namespace) -> int:
     requests = _requests(args, tokenizer)
     pool = make_pool(model, page_size=args.page_size, num_pages=args.num_pages, kv_dtype=KV_DTYPES[args.kv_dtype])
     stage = PrefillStage(model, pool, max_batch_tokens=args.max_batch_tokens)
+    if args.export_dir.is_dir() and any(args.export_dir.glob("*.safetensors")):
+        raise EngineError(f"{args.export_dir} already holds *.safetensors files: give an empty or new directory")
     args.export_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     outputs: dict[str, RequestOutput] = {}
@@ -240,7 +242,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if not files:
         raise EngineError(f"no *.safetensors exports in {args.import_dir}")
     pool = make_pool(model, page_size=args.page_size, num_pages=args.num_pages, kv_dtype=KV_DTYPES[args.kv_dtype])
-    stage = DecodeStage(model, pool, max_batch_size=args.max_batch_size, metrics=Metrics())
+    stage = DecodeStage(model, pool, max_batch_size=args.max_batch_size)
     start = time.perf_counter()
     order: list[str] = []
     outputs: dict[str, RequestOutput] = {}
@@ -268,3 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

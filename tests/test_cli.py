@@ -78,5 +78,8 @@ def test_usage_errors_are_reported_without_traceback(tmp_path, capsys):
     assert "the prompt is empty" in doc["requests"][0]["error"] and doc["requests"][1]["error"] is None
     assert main(["run", "--model", str(tmp_path)]) == 1
     assert "has no config.json" in capsys.readouterr().err
+    (tmp_path / "old.safetensors").write_bytes(b"")
+    assert main(["prefill", "--prompt-ids", "256", "--export-dir", str(tmp_path)]) == 1
+    assert "already holds *.safetensors files" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["run", "--page-size", "12"])
