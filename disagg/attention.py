@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from disagg._kernels import paged_decode_attention
 from disagg.kv_pool import KVPool
 
 
@@ -60,7 +59,7 @@ class DecodeBatch:
         """q (batch, Hq, D), k/v (batch, Hkv, D) -> (batch, Hq, D)."""
         self.pool.write(layer, k, v, self.slots)
         k_scale, v_scale = self.pool.scales
-        return paged_decode_attention(
+        return kernels.paged_decode_attention(
             q,
             self.pool.k[layer],
             self.pool.v[layer],

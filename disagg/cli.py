@@ -2,7 +2,8 @@
 
 - ``run``: both stages in one process; prints each request's output and a metrics table (``--json``: one JSON
   document ``{"requests": [...], "metrics": {...}}``).
-- ``prefill --export-dir DIR``: the prefill stage alone; writes one ``request-NNNNNN.safetensors`` per request.
+- ``prefill --export-dir DIR``: the prefill stage alone; writes one ``request-NNNNNN.safetensors`` per request
+  into DIR (new or without exports, so decode never mixes two runs).
 - ``decode --import-dir DIR``: the decode stage alone, over every export in DIR (in file-name order); its output
   equals what ``run`` prints for the same requests.
 
@@ -32,7 +33,6 @@ from disagg.errors import EngineError
 from disagg.export import read_export_file, write_export
 from disagg.kv_pool import PAGE_SIZES
 from disagg.loader import load_model
-from disagg.metrics import Metrics
 from disagg.prefill import PrefillStage
 from disagg.request import Request, RequestOutput, SamplingParams
 from disagg.tokenizer import Tokenizer
@@ -146,13 +146,13 @@ def _report(args, model, tokenizer, outputs: list[RequestOutput], metrics: dict[
             f" on {metrics['device']}"
         )
         for o in outputs:
-            n = len(o.prompt_ids)
-            print(f"\n[{o.request_id}] prompt {_show(tokenizer, o.prompt_ids)} ({n} token{'s' * (n != 1)})")
+            print(f"\n[{o.request_id}] prompt {_show(tokenizer, o.prompt_ids)} ({_count(len(o.prompt_ids), 'token')})")
             if o.error is not None:
                 print(f"    error: {o.error}")
                 continue
-            n = len(o.output_ids)
-            print(f"    output {_show(tokenizer, o.output_ids)} ({n} token{'s' * (n != 1)}, {o.finish_reason})")
+            print(
+                f"    output {_show(tokenizer, o.output_ids)} ({_count(len(o.output_ids), 'token')}, {o.finish_reason})"
+            )
             for key, value in (extra or {}).get(o.request_id, {}).items():
                 print(f"    {key}: {value}")
         print("\n" + format_metrics(metrics))
@@ -162,6 +162,10 @@ def _report(args, model, tokenizer, outputs: list[RequestOutput], metrics: dict[
 def _show(tokenizer: Tokenizer | None, ids: list[int]) -> str:
     ids_text = ",".join(map(str, ids)) if len(ids) <= 24 else ",".join(map(str, ids[:24])) + ",..."
     return f"{tokenizer.decode(ids)!r} [{ids_text}]" if tokenizer is not None else f"[{ids_text}]"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def _mode() -> dict[str, str]:
@@ -187,9 +191,11 @@ def format_metrics(m: dict[str, Any]) -> str:
     )
     kv = []
     if m["exports"]:
-        kv.append(f"KV export: {m['exports']} requests, {m['kv_bytes_exported']:,} bytes, {f(m['export_time_s'])}")
+        kv.append(
+            f"KV export: {m['kv_bytes_exported']:,} bytes for {_count(m['exports'], 'request')}, {f(m['export_time_s'])}"
+        )
     if m["imports"]:
-        kv.append(f"KV import: {m['imports']} requests, {f(m['import_time_s'])}")
+        kv.append(f"KV import: {_count(m['imports'], 'request')}, {f(m['import_time_s'])}")
     if m["decode_steps"]:
         kv.append(f"decode: {m['decode_steps']} steps, mean batch {f(m['mean_decode_batch'], '')}")
     lines += ["   ".join(kv)] if kv else []
@@ -224,6 +230,8 @@ def cmd_prefill(args: argparse.Namespace) -> int:
     requests = _requests(args, tokenizer)
     pool = make_pool(model, page_size=args.page_size, num_pages=args.num_pages, kv_dtype=KV_DTYPES[args.kv_dtype])
     stage = PrefillStage(model, pool, max_batch_tokens=args.max_batch_tokens)
+    if args.export_dir.is_dir() and any(args.export_dir.glob("*.safetensors")):
+        raise EngineError(f"{args.export_dir} already holds *.safetensors files: give an empty or new directory")
     args.export_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     outputs: dict[str, RequestOutput] = {}
@@ -255,7 +263,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if not files:
         raise EngineError(f"no *.safetensors exports in {args.import_dir}")
     pool = make_pool(model, page_size=args.page_size, num_pages=args.num_pages, kv_dtype=KV_DTYPES[args.kv_dtype])
-    stage = DecodeStage(model, pool, max_batch_size=args.max_batch_size, metrics=Metrics())
+    stage = DecodeStage(model, pool, max_batch_size=args.max_batch_size)
     start = time.perf_counter()
     order: list[str] = []
     outputs: dict[str, RequestOutput] = {}
@@ -283,3 +291,6 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

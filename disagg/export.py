@@ -118,7 +118,8 @@ def export_kv(
 
 
 def _header(data: bytes) -> dict[str, Any]:
-    """The safetensors header (8-byte little-endian length, then JSON), checked against the data's size."""
+    """The ``__metadata__`` of a safetensors header (8-byte little-endian length, then JSON), after checking the
+    header and the tensors' offsets against the data's size."""
     if len(data) < 8:
         raise ExportError(f"truncated: {len(data)} bytes is not even a safetensors header")
     (size,) = struct.unpack("<Q", data[:8])
@@ -126,13 +127,16 @@ def _header(data: bytes) -> dict[str, Any]:
         raise ExportError(f"truncated: the header needs {size} bytes, the file has {len(data) - 8} after its length")
     try:
         header = json.loads(data[8 : 8 + size])
-    except ValueError:
+        ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
+        metadata = header.get("__metadata__", {})
+        if not isinstance(metadata, dict) or not all(isinstance(e, int) for e in ends):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
         raise ExportError("not a safetensors file (unreadable header)") from None
-    ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
     payload = len(data) - 8 - size
     if ends and max(ends) > payload:
         raise ExportError(f"truncated: the tensors need {max(ends)} bytes, the file holds {payload}")
-    return header
+    return metadata
 
 
 def _check_fingerprint(theirs: Any, ours: dict[str, Any]) -> None:
@@ -149,13 +153,15 @@ def read_export(data: bytes, model: CausalLM, pool: KVPool) -> KVExport:
     Raises ExportError (never allocating anything) when the data is truncated, not an export, of another format
     version, for another model or KV dtype, malformed, or fails its checksum.
     """
-    raw = _header(data).get("__metadata__", {}).get(METADATA_KEY)
+    raw = _header(data).get(METADATA_KEY)
     if raw is None:
         raise ExportError("not a phaseattn KV export (no export metadata)")
     try:
         meta = json.loads(raw)
-    except ValueError:
+    except (ValueError, TypeError):
         raise ExportError("corrupted: the export metadata is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise ExportError("corrupted: the export metadata is not a JSON object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"unknown format version {meta.get('format_version')!r}; this engine reads {FORMAT_VERSION}")
     _check_fingerprint(meta.get("fingerprint"), fingerprint(model))

@@ -17,10 +17,10 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from disagg._kernels import write_kv_cache
+import kernels
 from disagg.errors import PoolFullError
 
-PAGE_SIZES = (8, 16, 32, 64, 128, 256)
+PAGE_SIZES = (8, 16, 32, 64, 128, 256)  # what the paged kernels accept
 FP8 = torch.float8_e4m3fn
 
 
@@ -118,20 +118,29 @@ class KVPool:
     # --- data ------------------------------------------------------------------------------------------------
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         """Store freshly computed k, v (tokens, num_kv_heads, head_dim) at ``slots`` (quantized for fp8)."""
-        write_kv_cache(k, v, self.k[layer], self.v[layer], slots, k_scale=self._scale, v_scale=self._scale)
+        kernels.write_kv_cache(k, v, self.k[layer], self.v[layer], slots, k_scale=self._scale, v_scale=self._scale)
 
     def read_tokens(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored K, V of ``slots`` as token-major (tokens, num_kv_heads, head_dim) tensors in the cache dtype."""
         idx = slots.to(self.device)
-        flat = (-1, self.num_kv_heads, self.head_dim)
-        return self.k[layer].view(flat)[idx], self.v[layer].view(flat)[idx]
+        return self._as_cache(self._slots_view(self.k[layer])[idx]), self._as_cache(
+            self._slots_view(self.v[layer])[idx]
+        )
 
     def load_tokens(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K, V already in the cache dtype (an imported export) at ``slots``, bit for bit."""
         idx = slots.to(self.device)
-        flat = (-1, self.num_kv_heads, self.head_dim)
-        self.k[layer].view(flat)[idx] = k.to(self.device)
-        self.v[layer].view(flat)[idx] = v.to(self.device)
+        self._slots_view(self.k[layer])[idx] = self._slots_view(k.to(self.device))
+        self._slots_view(self.v[layer])[idx] = self._slots_view(v.to(self.device))
+
+    def _slots_view(self, t: torch.Tensor) -> torch.Tensor:
+        """(slots, num_kv_heads, head_dim) view of a cache or of token-major K/V; fp8 is viewed as its bytes, since
+        indexing kernels for float8 dtypes are not available on every device."""
+        t = t.view(torch.uint8) if t.dtype == FP8 else t
+        return t.view(-1, self.num_kv_heads, self.head_dim)
+
+    def _as_cache(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(FP8) if self.dtype == FP8 else t
 
     @property
     def scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -8,9 +8,14 @@ import sys
 import pytest
 
 from disagg.cli import main
+from disagg.engine import make_pool
+from disagg.export import write_export
+from disagg.loader import load_model
+from disagg.prefill import PrefillStage
+from disagg.request import Request, SamplingParams
 
 ARGS = ["--prompt-ids", "256,72,101,108,108,111", "256,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18", "256"]
-ARGS += ["--max-new-tokens", "5", "--temperature", "0.8", "--top-k", "50", "--seed", "11"]
+ARGS += ["--max-new-tokens", "3", "--temperature", "0.8", "--top-k", "50", "--seed", "11"]
 
 
 def disagg(*args: str) -> subprocess.CompletedProcess:
@@ -38,19 +43,22 @@ def test_run_equals_prefill_then_decode_through_files(handover):
         {k: r[k] for k in keys} for r in run_doc["requests"]
     ]
     for r in run_doc["requests"]:
-        assert len(r["output_ids"]) == 5 and r["ttft_s"] > 0 and r["tpot_s"] > 0 and r["error"] is None
+        assert len(r["output_ids"]) == 3 and r["ttft_s"] > 0 and r["tpot_s"] > 0 and r["error"] is None
     # prefill reports each request's first token, which decode continues from
     assert [r["output_ids"] for r in prefill_doc["requests"]] == [[r["output_ids"][0]] for r in run_doc["requests"]]
     m = run_doc["metrics"]
     assert m["num_requests"] == 3 and m["num_failed"] == 0 and m["prefill_tokens"] == 26
-    assert m["decode_tokens"] == 12 and m["kv_bytes_exported"] > 26 * 2 * 2 * 2 * 64 * 4
+    assert m["decode_tokens"] == 6 and m["kv_bytes_exported"] > 26 * 2 * 2 * 2 * 64 * 4
     assert prefill_doc["metrics"]["exports"] == 3 and decode_doc["metrics"]["imports"] == 3
 
 
-def test_decode_refuses_a_bad_export_and_exits_nonzero(handover, tmp_path):
-    *_, exports = handover
-    for f in exports.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
+def test_decode_refuses_a_bad_export_and_exits_nonzero(tmp_path):
+    model, _ = load_model("tiny")
+    stage = PrefillStage(model, make_pool(model, num_pages=4))
+    for i, prompt in enumerate([[256, 1, 2], [256, 3], [256, 4, 5, 6]]):
+        stage.add(Request(str(i), prompt, SamplingParams(max_new_tokens=3)))
+    for res in stage.step():
+        write_export(tmp_path / f"request-{int(res.request.request_id):06d}.safetensors", res.export)
     bad = tmp_path / "request-000001.safetensors"
     data = bad.read_bytes()
     bad.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
@@ -58,7 +66,7 @@ def test_decode_refuses_a_bad_export_and_exits_nonzero(handover, tmp_path):
     assert p.returncode == 1
     assert "Traceback" not in p.stdout + p.stderr
     assert "request-000001.safetensors: checksum mismatch" in p.stdout
-    assert p.stdout.count("(5 tokens, length)") == 2  # the other two requests went on
+    assert p.stdout.count("(3 tokens, length)") == 2  # the other two requests went on
     assert "requests 3 (1 failed)" in p.stdout
 
 
@@ -70,5 +78,8 @@ def test_usage_errors_are_reported_without_traceback(tmp_path, capsys):
     assert "the prompt is empty" in doc["requests"][0]["error"] and doc["requests"][1]["error"] is None
     assert main(["run", "--model", str(tmp_path)]) == 1
     assert "has no config.json" in capsys.readouterr().err
+    (tmp_path / "old.safetensors").write_bytes(b"")
+    assert main(["prefill", "--prompt-ids", "256", "--export-dir", str(tmp_path)]) == 1
+    assert "already holds *.safetensors files" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["run", "--page-size", "12"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from disagg import tiny
+from disagg.attention import PrefillBatch
 from disagg.decode import DecodeStage
 from disagg.engine import Engine, make_pool
 from disagg.export import read_export_file, write_export
@@ -15,9 +16,9 @@ from disagg.loader import build_model, load_model
 from disagg.prefill import PrefillStage
 from disagg.request import Request, SamplingParams
 
-GREEDY = SamplingParams(max_new_tokens=6)
-SAMPLED = SamplingParams(max_new_tokens=6, temperature=0.9, top_p=0.95, seed=3)
-PROMPTS = [[256, *range(40, 57)], [256, 5, 6], [256, *range(100, 130)], [256, 77]]  # 18, 3, 31, 2 tokens
+GREEDY = SamplingParams(max_new_tokens=5)
+SAMPLED = SamplingParams(max_new_tokens=5, temperature=0.9, top_p=0.95, seed=3)
+PROMPTS = [[256, *range(40, 57)], [256, 5, 6], [256, *range(100, 130)]]  # 18, 3 and 31 tokens
 
 
 def requests(sampling=GREEDY, prompts=PROMPTS):
@@ -41,7 +42,7 @@ def ids(outputs):
 
 def test_run_completes_every_request(model, reference):
     for sampling, outputs in reference.items():
-        assert [o.request_id for o in outputs] == ["0", "1", "2", "3"]
+        assert [o.request_id for o in outputs] == ["0", "1", "2"]
         for o, p in zip(outputs, PROMPTS, strict=True):
             assert o.error is None and o.prompt_ids == p and o.finish_reason == "length"
             assert len(o.output_ids) == sampling.max_new_tokens and o.ttft_s > 0 and o.tpot_s > 0
@@ -55,8 +56,6 @@ def test_greedy_decode_agrees_with_prefill_of_the_whole_sequence(model, referenc
         seq = o.prompt_ids + o.output_ids[:-1]
         pool = make_pool(model, num_pages=4)
         pool.allocate("s", len(seq))
-        from disagg.attention import PrefillBatch
-
         batch = PrefillBatch(
             pool, torch.tensor([0, len(seq)], dtype=torch.int32), len(seq), pool.slots("s", 0, len(seq))
         )
@@ -64,36 +63,39 @@ def test_greedy_decode_agrees_with_prefill_of_the_whole_sequence(model, referenc
         assert logits[len(o.prompt_ids) - 1 :].argmax(-1).tolist() == o.output_ids
 
 
-@pytest.mark.parametrize("prefill_page, decode_page", [(16, 8), (8, 32)])
-def test_prefill_then_decode_through_files_equals_run(model, reference, tmp_path, prefill_page, decode_page):
-    for sampling in (GREEDY, SAMPLED):
-        stage = PrefillStage(model, make_pool(model, page_size=prefill_page, num_pages=8))
-        for r in requests(sampling):
-            stage.add(r)
-        while stage.has_work:
-            for res in stage.step():
-                write_export(tmp_path / f"{res.request.request_id}-{sampling.seed}.safetensors", res.export)
-        assert stage.pool.is_fully_free()
-        pool = make_pool(model, page_size=decode_page, num_pages=16)
-        decode = DecodeStage(model, pool)
-        for f in sorted(tmp_path.glob(f"*-{sampling.seed}.safetensors")):
-            decode.add(read_export_file(f))
-        outputs = []
-        while decode.has_work:
-            outputs += decode.step()
-        assert pool.is_fully_free()
-        assert sorted(ids(outputs)) == ids(reference[sampling])
+@pytest.mark.parametrize("prefill_page, decode_page, sampling", [(16, 8, GREEDY), (8, 32, SAMPLED)])
+def test_prefill_then_decode_through_files_equals_run(model, reference, tmp_path, prefill_page, decode_page, sampling):
+    stage = PrefillStage(model, make_pool(model, page_size=prefill_page, num_pages=8))
+    for r in requests(sampling):
+        stage.add(r)
+    while stage.has_work:
+        for res in stage.step():
+            write_export(tmp_path / f"{res.request.request_id}.safetensors", res.export)
+    assert stage.pool.is_fully_free()
+    pool = make_pool(model, page_size=decode_page, num_pages=16)
+    decode = DecodeStage(model, pool)
+    for f in sorted(tmp_path.glob("*.safetensors")):
+        decode.add(read_export_file(f))
+    outputs = []
+    while decode.has_work:
+        outputs += decode.step()
+    assert pool.is_fully_free()
+    assert sorted(ids(outputs)) == ids(reference[sampling])
 
 
 def test_seeded_sampling_is_reproducible(model, reference):
-    assert ids(Engine(model, page_size=32).generate(requests(SAMPLED))) == ids(reference[SAMPLED])
-    other = dataclasses.replace(SAMPLED, seed=100)
-    assert ids(Engine(model).generate(requests(other))) != ids(reference[SAMPLED])
+    """The same seeds give the same tokens in another engine (another page size, another batch); another seed
+    gives others."""
+    again = requests(SAMPLED)[:2]
+    reseeded = Request("reseeded", PROMPTS[0], dataclasses.replace(SAMPLED, seed=100))
+    outputs = Engine(model, page_size=32).generate([*again, reseeded])
+    assert ids(outputs[:2]) == ids(reference[SAMPLED][:2])
+    assert outputs[2].output_ids != outputs[0].output_ids
 
 
 def test_full_decode_pool_makes_requests_wait(model, reference):
-    """A decode pool of 3 pages of 8 tokens holds one request at a time (each needs 1-5 pages over its life, the
-    31-token prompt 5): the others wait for pages, and everyone finishes with the same tokens."""
+    """A decode pool of 5 pages of 8 tokens cannot hold all requests at once (over their lives they need 3, 1 and
+    5 pages): the last one waits for pages, and everyone finishes with the same tokens."""
     engine = Engine(model, page_size=8, decode_num_pages=5, num_pages=8)
     steps = []
     step = engine.decode.step
@@ -180,3 +182,15 @@ def test_pools_are_fully_free_after_a_failure_and_after_abort(model):
     assert aborted.finish_reason == "aborted" and len(aborted.output_ids) == 2
     decode.abort_all()
     assert decode.pool.is_fully_free() and not decode.has_work
+
+
+def test_fp8_kv_cache(model, reference):
+    """fp8 pools store K/V as float8_e4m3fn (scale 1.0) and hand them over as fp8; the first token comes from the
+    prefill's unquantized attention, so it matches the float run exactly."""
+    engine = Engine(model, kv_dtype=torch.float8_e4m3fn, page_size=8, decode_page_size=16)
+    outputs = engine.generate(requests(GREEDY)[:2])
+    for o, ref in zip(outputs, reference[GREEDY], strict=False):
+        assert o.error is None and len(o.output_ids) == GREEDY.max_new_tokens
+        assert o.output_ids[0] == ref.output_ids[0]
+    assert engine.decode.pool.k[0].dtype == torch.float8_e4m3fn
+    assert engine.prefill.pool.is_fully_free() and engine.decode.pool.is_fully_free()

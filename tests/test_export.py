@@ -79,7 +79,7 @@ def test_export_does_not_depend_on_page_size_or_placement(model, exports, page_s
 
 def rewrite(data: bytes, **changes) -> bytes:
     """The export with metadata fields changed (the checksum left as it was, unless changed too)."""
-    meta = json.loads(_header(data)["__metadata__"][METADATA_KEY])
+    meta = json.loads(_header(data)[METADATA_KEY])
     return st_save(st_load(data), metadata={METADATA_KEY: json.dumps({**meta, **changes})})
 
 
@@ -97,9 +97,7 @@ BAD = {
     "empty": (lambda d: b"", "truncated"),
     "unknown version": (lambda d: rewrite(d, format_version=2), "unknown format version 2"),
     "other architecture": (
-        lambda d: rewrite(
-            d, fingerprint={**json.loads(_header(d)["__metadata__"][METADATA_KEY])["fingerprint"], "num_kv_heads": 4}
-        ),
+        lambda d: rewrite(d, fingerprint={**json.loads(_header(d)[METADATA_KEY])["fingerprint"], "num_kv_heads": 4}),
         "another model: num_kv_heads",
     ),
     "not an export": (lambda d: st_save({"x": torch.ones(3)}), "not a phaseattn KV export"),
@@ -118,6 +116,16 @@ def test_bad_exports_are_refused_before_any_allocation(model, exports, case):
     stage.add(exports[1])  # the stage goes on with good exports
     while stage.has_work:
         stage.step()
+    assert pool.is_fully_free()
+
+
+def test_any_flipped_byte_is_refused(model, exports):
+    """Wherever a byte changes (length field, header, metadata, payload), the import is refused cleanly."""
+    data = exports[1]
+    pool = make_pool(model, page_size=8, num_pages=4)
+    for pos in [*range(8), *range(8, len(data), max(1, len(data) // 97))]:
+        with pytest.raises(ExportError):
+            read_export(data[:pos] + bytes([data[pos] ^ 0x24]) + data[pos + 1 :], model, pool)
     assert pool.is_fully_free()
 
 

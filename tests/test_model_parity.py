@@ -40,12 +40,16 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 16,  # short, so the scaling changes the angles of these short prompts
 }
 ARCHS = {
-    "llama3": ("LlamaForCausalLM", "LlamaConfig", dict(rope_parameters=LLAMA3_ROPE)),
+    "llama3-biases": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(rope_parameters=LLAMA3_ROPE, attention_bias=True, mlp_bias=True),
+    ),
     "mistral-window": ("MistralForCausalLM", "MistralConfig", dict(sliding_window=6)),  # shorter than the prompts
     "qwen2-bias-tied": ("Qwen2ForCausalLM", "Qwen2Config", dict(tie_word_embeddings=True)),
 }
 PROMPTS = [list(range(3, 23)), [200, 17, 5, 99, 1, 42, 42, 7, 250, 64, 128, 3, 9]]  # 20 and 13 tokens
-NEW_TOKENS = 6
+NEW_TOKENS = 4
 
 
 def randomize(model, seed):
@@ -125,7 +129,7 @@ def test_greedy_tokens_match_transformers(checkpoints, arch):
 def test_sharded_checkpoint_with_tokenizer(checkpoints, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    path, continuations, _ = checkpoints["llama3"]
+    path, continuations, _ = checkpoints["llama3-biases"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(path)
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("*.safetensors"))) > 2
@@ -160,7 +164,7 @@ def set_config(**changes):
 
 
 def test_loader_errors(checkpoints, tmp_path):
-    path = checkpoints["llama3"][0]
+    path = checkpoints["llama3-biases"][0]
     cases = [
         (set_config(architectures=["GPT2LMHeadModel"]), "unsupported architecture 'GPT2LMHeadModel'"),
         (set_config(hidden_act="gelu"), "hidden_act 'gelu'"),
