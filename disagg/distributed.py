@@ -73,7 +73,7 @@ def run_distributed(args: argparse.Namespace) -> int:
     except Exception as e:  # the rendezvous failed or timed out
         raise DistributedError(f"rank {rank} could not join the process group: {e}") from None
     node: Rank | None = None
-    status = 1
+    status, normal_end = 1, False
     try:
         node, model, tokenizer = _start(args, layout, rank, device, payload_device, log)
         start = time.perf_counter()
@@ -81,22 +81,28 @@ def run_distributed(args: argparse.Namespace) -> int:
         if rank == 0:
             outputs, extra, metrics = _assemble(node, args, layout, payload_device, time.perf_counter() - start)
             status = int(any(o.error is not None for o in outputs) or bool(metrics["faults"]))
-            node.finish(status)
+            node.finish(status)  # the others have logged their last line and are leaving
             _report(args, model, tokenizer, outputs, metrics, extra)
             if not args.json:
                 print(format_distributed(metrics))
         else:
             node.transport.flush()
             status = 1 if node.status is None or node.faults else node.status
+        normal_end = True
     except EngineError as e:
         log(f"error: {e}")
+    except KeyboardInterrupt:
+        log("interrupted")
+        status = 130
     finally:
         pool = ""
         if node is not None:
             node.stage.abort_all()  # frees whatever a failure left behind; a finished run holds nothing
             pool = f", pool {node.stage.pool.num_free_pages}/{node.stage.pool.num_pages} pages free"
         log(f"exit {status}{pool}")
-        if node is not None and not node.transport.close():
+        if node is not None and normal_end and rank != 0:
+            node.goodbye()
+        if node is not None and not node.transport.close(wait=normal_end):
             # a thread still waits inside gloo on a peer that neither answers nor closes: finalizing the
             # interpreter under it would abort the process, so leave now, with the status already decided
             sys.stdout.flush()

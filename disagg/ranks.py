@@ -16,7 +16,9 @@ request; request i is prefilled by the rank :func:`assign_requests` gives it. It
 
 When all its requests are handed over, a prefill rank sends DONE to each decode rank, which answers DONE_ACK. Each
 rank then sends its REPORT (outputs, transfer measurements, metrics, pool state) to rank 0, which, once every rank
-has reported or been lost, sends FINAL with the run's exit status to the others and prints the outputs.
+has reported or been lost, sends FINAL with the run's exit status to the others, and waits for their BYE (sent
+once they have logged their last line: a launcher that stops every rank when one exits non-zero, like torchrun,
+cuts nobody short) before it prints the outputs and exits.
 
 A lost peer (silent for the timeout, or its connection closed): a decode rank fails the requests of a lost prefill
 rank whose KV has not arrived, freeing their reservations, and finishes the others; a prefill rank offers again the
@@ -106,16 +108,26 @@ class Rank:
                 self._on_event(event)
             if self.rank != 0 and not self.serving and not self._reported and 0 not in self.transport.lost:
                 data = json.dumps(self.report()).encode()
-                self.transport.send(0, Kind.REPORT, fields=(len(data),), last=True)
+                self.transport.send(0, Kind.REPORT, fields=(len(data),))
                 self.transport.send_bytes(0, REPORT_TAG, data)
                 self._reported = True
             self.transport.heartbeat()
 
     def finish(self, status: int) -> None:
-        """Rank 0: tell every rank still listening the run's exit status, and deliver it before exiting."""
+        """Rank 0: tell every rank still listening the run's exit status, and wait for each one's BYE."""
         for peer in sorted(self.transport.sending):
             self.transport.send(peer, Kind.FINAL, fields=(status,), last=True)
+        while self.transport.receiving:
+            for event in self.transport.poll(self.transport.heartbeat_s / 2):
+                if event.lost is not None:
+                    self.log(f"error: {self.layout.name(event.peer)} was lost before its BYE: {event.lost}")
         self.transport.flush()
+
+    def goodbye(self) -> None:
+        """Ranks other than 0, at the very end: the last message to rank 0."""
+        if 0 not in self.transport.lost and 0 in self.transport.sending:
+            self.transport.send(0, Kind.BYE, last=True)
+            self.transport.flush()
 
     def _finished(self) -> bool:
         if self.rank != 0:

@@ -60,6 +60,7 @@ class Kind(enum.IntEnum):
     DONE_ACK = 5  # the decode rank's answer to DONE
     REPORT = 6  # this rank's report follows on REPORT_TAG: its size in bytes
     FINAL = 7  # from rank 0: the run's exit status
+    BYE = 8  # to rank 0, after a rank has logged its last line: rank 0 exits last
 
 
 @dataclass(frozen=True)
@@ -214,13 +215,15 @@ class Transport:
             if p.peer not in self.lost:
                 p.done.wait(max(0.0, deadline - time.perf_counter()))
 
-    def close(self) -> bool:
-        """Wait (at most the timeout for peers not lost, a moment for lost ones) until no thread of this transport
-        waits inside torch.distributed; False if one still does (on a stalled peer, it never returns). After a
-        normal end none does."""
-        deadline = time.perf_counter() + self.timeout_s
+    def close(self, wait: bool) -> bool:
+        """True when no thread of this transport waits inside torch.distributed any more. ``wait``: after a normal
+        end, give the threads on peers not lost up to the timeout to see their last message (the others, and all
+        of them after a failure, get a moment). False if one still waits: on a stalled peer it never returns."""
+        now = time.perf_counter()
         for peer, t in self._threads:
-            t.join(max(0.0, (deadline if peer not in self.lost else time.perf_counter() + 0.1) - time.perf_counter()))
+            t.join(self.timeout_s if wait and peer not in self.lost else 0.1)
+            if time.perf_counter() - now > self.timeout_s:
+                break
         return not any(t.is_alive() for _, t in self._threads)
 
     def _post(self, peer: int, tensor: torch.Tensor, tag: int, *, send: bool, on_done: Callable) -> Pending | None:

@@ -50,8 +50,13 @@ def single_process(args):
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return {name: single_process(args + SAMPLING) for name, args in (("basic", BASIC), ("tiny", TINY_POOL))}
+def basic_reference():
+    return single_process(BASIC + SAMPLING)
+
+
+@pytest.fixture(scope="module")
+def tiny_pool_reference():
+    return single_process(TINY_POOL + SAMPLING)
 
 
 def torchrun(nproc, prefill_ranks, args):
@@ -104,11 +109,11 @@ def rows(doc):
     return [{k: r[k] for k in KEYS} for r in doc["requests"]]
 
 
-def test_one_prefill_and_one_decode_rank_give_the_single_process_outputs(reference):
+def test_one_prefill_and_one_decode_rank_give_the_single_process_outputs(basic_reference):
     p = torchrun(2, 1, BASIC)
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
-    assert rows(doc) == rows(reference["basic"])
+    assert rows(doc) == rows(basic_reference)
     assert all(len(r["output_ids"]) == 4 for r in doc["requests"])
     m = doc["metrics"]
     assert m["kv_transfers"] == 3 and m["kv_bytes_transferred"] == m["kv_bytes_exported"] > 26 * 2 * 2 * 2 * 64 * 4
@@ -122,11 +127,11 @@ def test_one_prefill_and_one_decode_rank_give_the_single_process_outputs(referen
     assert "[rank 1 decode] exit 0, pool 1024/1024 pages free" in p.stderr
 
 
-def test_two_plus_two_ranks_with_tiny_decode_pools_serve_every_request(reference):
+def test_two_plus_two_ranks_with_tiny_decode_pools_serve_every_request(tiny_pool_reference):
     p = torchrun(4, 2, TINY_POOL)
     assert p.returncode != 0  # two requests fail, as in the single-process run
     doc = json.loads(p.stdout)
-    assert rows(doc) == rows(reference["tiny"])
+    assert rows(doc) == rows(tiny_pool_reference)
     assert "prompt is empty" in doc["requests"][0]["error"]
     assert "more than the decode pool holds (24)" in doc["requests"][6]["error"]
     assert doc["requests"][0]["decode_rank"] is None and doc["requests"][6]["decode_rank"] in (2, 3)
@@ -141,7 +146,7 @@ def test_two_plus_two_ranks_with_tiny_decode_pools_serve_every_request(reference
         assert re.search(rf"\[rank {rank} \w+\] exit 1, pool 3/3 pages free", p.stderr)
 
 
-def test_a_stalled_prefill_rank_fails_only_its_requests_within_the_timeout(reference):
+def test_a_stalled_prefill_rank_fails_only_its_requests_within_the_timeout(basic_reference):
     procs = spawn(3, 2, lambda rank: [*BASIC, *SAMPLING, "--timeout", str(TIMEOUT), "--json"])
     victim = procs[1][0]
     try:
@@ -156,7 +161,7 @@ def test_a_stalled_prefill_rank_fails_only_its_requests_within_the_timeout(refer
         assert f"error: prefill rank 1 was lost: no message from it for {TIMEOUT} s" in err
         assert re.search(rf"\[rank {rank} \w+\] exit 1, pool 1024/1024 pages free", err)
     doc = json.loads(results[0][1])
-    expected = rows(reference["basic"])
+    expected = rows(basic_reference)
     assert [rows(doc)[i] for i in (0, 2)] == [expected[i] for i in (0, 2)]  # prefill rank 0's requests
     assert doc["requests"][1]["error"] == (
         f"request 1: prefill rank 1 was lost (no message from it for {TIMEOUT} s) before handing it over"
