@@ -9,8 +9,8 @@ Start-up, on every rank:
    payloads go over NCCL when every rank on a node has a GPU of its own, else over gloo through host memory;
 3. the model, the requests (every rank parses the same command line) and this rank's stage and pool;
 4. a check that the ranks agree, before any work: an all_gather of (protocol version, started or not, digest of
-   the model fingerprint with the KV dtype, digest of the requests and options). A difference is refused on every
-   rank with an error that names it, and a non-zero exit.
+   the model fingerprint with the KV dtype, digest of the requests and options, pool pages). A difference is
+   refused on every rank with an error that names it, and a non-zero exit.
 
 Then every rank serves its role. Rank 0 prints the outputs in request order, in the single-process ``run``'s
 format, plus each request's transfer (prefill and decode rank, KV bytes, seconds, bandwidth, wait for the ACK), the
@@ -37,7 +37,7 @@ import torch.distributed as dist
 import kernels
 from disagg.cli import KV_DTYPES, _report, _requests
 from disagg.decode import DecodeStage, reserved_tokens
-from disagg.engine import DEFAULT_POOL_TOKENS, make_pool
+from disagg.engine import make_pool
 from disagg.errors import DistributedError, EngineError
 from disagg.export import fingerprint
 from disagg.loader import load_model
@@ -144,7 +144,7 @@ def _start(args, layout: Layout, rank: int, device, payload_device, log) -> tupl
             "options": {k: v for k, v in vars(args).items() if k not in _NOT_CHECKED},
         }
     try:
-        check_ranks(failure is None, model_id, options)
+        pool_pages = check_ranks(failure is None, model_id, options, pool.num_pages if pool is not None else 0)
     except DistributedError:
         if failure is not None:
             raise failure from None
@@ -165,7 +165,7 @@ def _start(args, layout: Layout, rank: int, device, payload_device, log) -> tupl
             *common,
             stage=PrefillStage(model, pool, max_batch_tokens=args.max_batch_tokens),
             assignment=assignment,
-            decode_pages=args.num_pages or -(-DEFAULT_POOL_TOKENS // decode_page_size),
+            decode_pages={d: pool_pages[d] for d in layout.decode_ranks},
             pages_needed=lambda n, max_new: -(-reserved_tokens(n, max_new, context) // decode_page_size),
             meta=meta,
         )
@@ -201,10 +201,11 @@ def _digest(obj: Any) -> tuple[int, int]:
     return struct.unpack("<qq", hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).digest()[:16])
 
 
-def check_ranks(started: bool, model_id: dict | None, options: dict | None) -> None:
+def check_ranks(started: bool, model_id: dict | None, options: dict | None, pool_pages: int) -> list[int]:
     """Collective: raise DistributedError on every rank unless all ranks started, speak this protocol version, run
-    the same model with the same KV dtype, and got the same requests and options."""
-    rows = _all_gather(torch.tensor([PROTOCOL_VERSION, int(started), *_digest(model_id), *_digest(options)]))
+    the same model with the same KV dtype, and got the same requests and options. Returns each rank's pool pages."""
+    mine = [PROTOCOL_VERSION, int(started), *_digest(model_id), *_digest(options), pool_pages]
+    rows = _all_gather(torch.tensor(mine))
     for r, row in enumerate(rows):
         if row[0] != PROTOCOL_VERSION:
             raise DistributedError(
@@ -217,10 +218,11 @@ def check_ranks(started: bool, model_id: dict | None, options: dict | None) -> N
         ids = [json.loads(b) for b in _all_gather_bytes(json.dumps(model_id).encode())]
         raise DistributedError(_model_difference(ids))
     for r, row in enumerate(rows):
-        if row[4:] != rows[0][4:]:
+        if row[4:6] != rows[0][4:6]:
             raise DistributedError(
                 f"rank {r} got other requests or options than rank 0: every rank needs the same command line"
             )
+    return [row[6] for row in rows]
 
 
 def _model_difference(ids: list[dict]) -> str:

@@ -208,8 +208,8 @@ class _Offered:
 class PrefillRank(Rank):
     """Prefills its share of the requests and hands each one's KV to a decode rank.
 
-    ``pages_needed(num_tokens, max_new_tokens)``: decode pages a request reserves; ``decode_pages``: pages of each
-    decode pool; ``meta``: the (KV dtype code, model digest 0, model digest 1) every META carries."""
+    ``pages_needed(num_tokens, max_new_tokens)``: decode pages a request reserves; ``decode_pages``: the pages of
+    each decode rank's pool; ``meta``: the (KV dtype code, model digest 0, model digest 1) every META carries."""
 
     role = "prefill"
 
@@ -218,7 +218,7 @@ class PrefillRank(Rank):
         *args: Any,
         stage: PrefillStage,
         assignment: list[int],
-        decode_pages: int,
+        decode_pages: dict[int, int],
         pages_needed: Callable[[int, int], int],
         meta: tuple[int, int, int],
     ):
@@ -229,7 +229,7 @@ class PrefillRank(Rank):
         self._ready: deque[PrefillResult] = deque()
         self._offered: dict[int, _Offered] = {}  # waiting for their ACK
         self._sending: dict[int, tuple[int, Pending, float, int]] = {}  # decode rank, transfer, ACK wait, bytes
-        self._free = dict.fromkeys(self.layout.decode_ranks, decode_pages)
+        self._free = dict(decode_pages)  # each decode rank's free pages, as it last said
         self._offered_pages = dict.fromkeys(self.layout.decode_ranks, 0)
         self._done_sent = False
         self._awaiting_done_ack = set(self.layout.decode_ranks)
@@ -410,9 +410,10 @@ class DecodeRank(Rank):
                 break  # in arrival order: later offers wait behind this one
             self._offers.popleft()
             receiving = self.transport.recv_bytes(offer.prefill_rank, PAYLOAD_TAG0 + offer.index, offer.nbytes)
-            if receiving is None:
+            if receiving is None:  # the prefill rank is lost (the loss is reported next)
                 self.stage.release(rid)
-                continue  # the prefill rank is lost: peer_lost reports its requests
+                self.failed(offer.index, f"request {offer.index}: {self.layout.name(offer.prefill_rank)} was lost")
+                continue
             self._receiving[offer.index] = (offer, receiving)
             self.transport.send(offer.prefill_rank, Kind.ACK, offer.index, (1,))
         if not self.stage.has_work:

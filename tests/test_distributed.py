@@ -181,6 +181,23 @@ def test_a_killed_prefill_rank_makes_the_decode_rank_exit_with_its_pool_free():
     assert "Traceback" not in err
 
 
+def test_requests_offered_to_a_killed_decode_rank_go_to_another(basic_reference):
+    """Killed before it could acknowledge anything: whatever had been offered to it is offered again elsewhere."""
+    procs = spawn(3, 1, lambda rank: [*BASIC, *SAMPLING, "--timeout", str(TIMEOUT), "--json"])
+    wait_for_line(procs[2][1], r"\[rank 2 decode\] pool")
+    procs[2][0].kill()
+    procs[2][0].wait()
+    results = finish(procs, skip={2})
+    for rank, (code, _, err, seconds) in results.items():
+        assert code == 1 and seconds < TIMEOUT + 60, err  # decode rank 1 learns the status from rank 0
+        assert re.search(rf"\[rank {rank} \w+\] exit 1, pool 1024/1024 pages free", err)
+    assert "error: decode rank 2 was lost: connection closed: the process exited" in results[0][2]
+    doc = json.loads(results[0][1])
+    assert rows(doc) == rows(basic_reference)
+    assert [r["decode_rank"] for r in doc["requests"]] == [1, 1, 1]
+    assert doc["metrics"]["faults"] == ["decode rank 2 was lost: connection closed: the process exited"]
+
+
 @pytest.mark.parametrize(
     "rank1, message",
     [
