@@ -216,7 +216,7 @@ def check_ranks(started: bool, model_id: dict | None, options: dict | None, pool
         raise DistributedError(f"rank {', '.join(failed)} could not start (see its error); no rank serves")
     if any(row[2:4] != rows[0][2:4] for row in rows):
         ids = [json.loads(b) for b in _all_gather_bytes(json.dumps(model_id).encode())]
-        raise DistributedError(_model_difference(ids))
+        raise DistributedError(model_difference(ids))
     for r, row in enumerate(rows):
         if row[4:6] != rows[0][4:6]:
             raise DistributedError(
@@ -225,7 +225,9 @@ def check_ranks(started: bool, model_id: dict | None, options: dict | None, pool
     return [row[6] for row in rows]
 
 
-def _model_difference(ids: list[dict]) -> str:
+def model_difference(ids: list[dict]) -> str:
+    """What differs between the first rank whose model identity (fingerprint, KV dtype and scale) is not rank 0's
+    and rank 0, in words."""
     flat = [{**i["fingerprint"], "KV dtype": i["kv_dtype"], "KV scale": i["kv_scale"]} for i in ids]
     r = next(r for r, f in enumerate(flat) if f != flat[0])
     key = next((k for k in flat[0] if flat[r].get(k) != flat[0][k]), "model")

@@ -24,8 +24,10 @@ import torch
 
 from disagg.cli import main
 from disagg.decode import DecodeStage
+from disagg.distributed import model_difference
 from disagg.engine import make_pool
 from disagg.errors import DistributedError, RequestError
+from disagg.export import fingerprint
 from disagg.loader import load_model
 from disagg.prefill import PrefillStage
 from disagg.ranks import Layout, assign_requests
@@ -202,7 +204,6 @@ def test_requests_offered_to_a_killed_decode_rank_go_to_another(basic_reference)
     "rank1, message",
     [
         (["--dtype", "bfloat16"], "fingerprint mismatch: rank 1 has dtype 'bfloat16', rank 0 has 'float32'"),
-        (["--kv-dtype", "fp8"], "fingerprint mismatch: rank 1 has KV dtype 'float8_e4m3fn', rank 0 has 'float32'"),
         (["--max-new-tokens", "5"], "rank 1 got other requests or options than rank 0"),
     ],
 )
@@ -226,6 +227,17 @@ def test_header_round_trip_and_refusal():
         Header.decode(bad)
     with pytest.raises(ValueError, match="holds 7 fields"):
         Header(Kind.META, fields=tuple(range(8))).encode()
+
+
+def test_amodel_difference_is_named():
+    model = load_model("tiny")[0]
+    ids = [{"fingerprint": fingerprint(model), "kv_dtype": "float32", "kv_scale": None} for _ in range(3)]
+    assert model_difference([*ids[:1], {**ids[1], "kv_dtype": "float8_e4m3fn", "kv_scale": 1.0}, *ids[2:]]) == (
+        "fingerprint mismatch: rank 1 has KV dtype 'float8_e4m3fn', rank 0 has 'float32'; every rank must load the "
+        "same model with the same --dtype and --kv-dtype"
+    )
+    other = {**ids[2], "fingerprint": {**ids[2]["fingerprint"], "weights": "0" * 32}}
+    assert model_difference([*ids[:2], other]).startswith("fingerprint mismatch: rank 2 has weights '000")
 
 
 def test_requests_spread_by_prompt_tokens_and_who_talks_to_whom():
