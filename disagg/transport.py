@@ -16,8 +16,9 @@ without a timeout, and the result goes to the rank's event queue; the timing is 
 - a receiver always has a receive posted for what it expects (a KV payload's receive is posted before the payload
   is acknowledged), so a send it has not taken within the timeout means it is lost as well.
 
-Each rank sends a heartbeat header from its main loop to every peer it has not sent anything to for
-``HEARTBEAT_FRACTION * timeout``, so a rank that stops making progress falls silent too: the timeout must exceed a
+Each rank sends a heartbeat header from its main loop to every peer it has not sent anything to for a fifth of
+the timeout (at most a second: a decode rank's headers also tell its free pages), so a rank that stops making
+progress falls silent too: the timeout must exceed a
 rank's longest step (on a GPU the first step includes Triton's compilation) and longest transfer. A wait on a
 stalled peer never returns; :meth:`Transport.close` says so, and the process then leaves with ``os._exit``.
 
@@ -44,7 +45,7 @@ from disagg.errors import DistributedError
 HEADER_LEN = 12
 HEADER_TAG, REPORT_TAG, PAYLOAD_TAG0 = 0, 1, 2  # request i's KV export travels on tag PAYLOAD_TAG0 + i
 MAGIC = 0x70686173_6174746E  # "phasattn": a header from anything else is refused
-HEARTBEAT_FRACTION = 0.2
+HEARTBEAT_FRACTION, MAX_HEARTBEAT_S = 0.2, 1.0
 _NEVER = timedelta(days=7)  # how long waits inside gloo may take: never in practice, since a timeout there kills
 #                             every pair of the rank; silence is judged by Transport.poll instead
 
@@ -161,7 +162,8 @@ class Transport:
         free_pages: Callable[[], int] = lambda: -1,
         payload_device: torch.device | str = "cpu",
     ):
-        self.rank, self.timeout_s, self.heartbeat_s = rank, timeout_s, timeout_s * HEARTBEAT_FRACTION
+        self.rank, self.timeout_s = rank, timeout_s
+        self.heartbeat_s = min(timeout_s * HEARTBEAT_FRACTION, MAX_HEARTBEAT_S)
         self.free_pages, self.payload_device = free_pages, torch.device(payload_device)
         self.sending: set[int] = set(peers)  # peers this rank may still send headers to
         self.receiving: set[int] = set(self.sending)  # peers that may still send headers to this rank

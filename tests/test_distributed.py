@@ -3,9 +3,10 @@
 Launched like a user would (torchrun) or, for the fault tests, as plain processes with the torchrun environment
 (torchrun kills the survivors of a dead worker): 1+1 and 2+2 ranks give exactly the single-process ``run``'s
 outputs; decode pools too small for all requests at once still serve all (their acknowledgements wait); a stalled
-prefill rank and a killed one make the others fail what depended on it and exit non-zero within the timeout, with
-their pools fully free; ranks that disagree on the model or the options are refused at start-up. In-process: the
-header codec, the spread of requests, and the decode stage's reservations.
+prefill rank, a killed one (rank 0) and a killed decode rank make the others fail what depended on it, or offer it
+elsewhere, and exit non-zero within the timeout with their pools fully free; ranks that disagree on the model or
+the options are refused at start-up. In-process: the header codec, the spread of requests, a model difference in
+words, and the decode stage's reservations.
 """
 
 import contextlib
