@@ -81,7 +81,8 @@ def run_distributed(args: argparse.Namespace) -> int:
         if rank == 0:
             outputs, extra, metrics = _assemble(node, args, layout, payload_device, time.perf_counter() - start)
             status = int(any(o.error is not None for o in outputs) or bool(metrics["faults"]))
-            node.finish(status)  # the others have logged their last line and are leaving
+            if not node.finish(status):  # then the others have logged their last line and are leaving
+                status = 1
             _report(args, model, tokenizer, outputs, metrics, extra)
             if not args.json:
                 print(format_distributed(metrics))

@@ -113,15 +113,19 @@ class Rank:
                 self._reported = True
             self.transport.heartbeat()
 
-    def finish(self, status: int) -> None:
-        """Rank 0: tell every rank still listening the run's exit status, and wait for each one's BYE."""
+    def finish(self, status: int) -> bool:
+        """Rank 0: tell every rank still listening the run's exit status, and wait for each one's BYE. False if a
+        rank was lost meanwhile."""
         for peer in sorted(self.transport.sending):
             self.transport.send(peer, Kind.FINAL, fields=(status,), last=True)
+        all_said_bye = True
         while self.transport.receiving:
             for event in self.transport.poll(self.transport.heartbeat_s / 2):
                 if event.lost is not None:
                     self.log(f"error: {self.layout.name(event.peer)} was lost before its BYE: {event.lost}")
+                    all_said_bye = False
         self.transport.flush()
+        return all_said_bye
 
     def goodbye(self) -> None:
         """Ranks other than 0, at the very end: the last message to rank 0."""
