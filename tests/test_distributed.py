@@ -230,7 +230,7 @@ def test_header_round_trip_and_refusal():
         Header(Kind.META, fields=tuple(range(8))).encode()
 
 
-def test_amodel_difference_is_named():
+def test_a_model_difference_is_named():
     model = load_model("tiny")[0]
     ids = [{"fingerprint": fingerprint(model), "kv_dtype": "float32", "kv_scale": None} for _ in range(3)]
     assert model_difference([*ids[:1], {**ids[1], "kv_dtype": "float8_e4m3fn", "kv_scale": 1.0}, *ids[2:]]) == (
