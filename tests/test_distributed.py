@@ -74,17 +74,30 @@ def free_port():
         return s.getsockname()[1]
 
 
-def spawn(world, prefill_ranks, args_of_rank):
-    """Each rank as a plain process with the environment torchrun would give it; stderr goes to a file so it can
-    be read while the process runs."""
-    port, procs = free_port(), []
-    for rank in range(world):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        env |= {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
-        cmd = [sys.executable, "-m", "disagg", "run", "--prefill-ranks", str(prefill_ranks), *args_of_rank(rank)]
-        err = open(f"{os.environ.get('TMPDIR', '/tmp')}/phaseattn-rank-{port}-{rank}.log", "w+")  # noqa: SIM115
-        procs.append((subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True), err))
-    return procs
+@pytest.fixture
+def spawn(tmp_path):
+    """``spawn(world, prefill_ranks, args_of_rank)``: each rank as a plain process with the environment torchrun
+    would give it, stderr in a file that can be read while it runs; whatever still runs at the end is killed."""
+    started = []
+
+    def launch(world, prefill_ranks, args_of_rank):
+        port, procs = free_port(), []
+        for rank in range(world):
+            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+            env |= {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
+            env["LOCAL_WORLD_SIZE"] = str(world)
+            cmd = [sys.executable, "-m", "disagg", "run", "--prefill-ranks", str(prefill_ranks), *args_of_rank(rank)]
+            err = (tmp_path / f"rank{rank}.log").open("w+")
+            procs.append((subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=err, text=True), err))
+        started.extend(procs)
+        return procs
+
+    yield launch
+    for p, err in started:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+        err.close()
 
 
 def wait_for_line(err, pattern, deadline_s=300):
@@ -149,16 +162,11 @@ def test_two_plus_two_ranks_with_tiny_decode_pools_serve_every_request(tiny_pool
         assert re.search(rf"\[rank {rank} \w+\] exit 1, pool 3/3 pages free", p.stderr)
 
 
-def test_a_stalled_prefill_rank_fails_only_its_requests_within_the_timeout(basic_reference):
+def test_a_stalled_prefill_rank_fails_only_its_requests_within_the_timeout(spawn, basic_reference):
     procs = spawn(3, 2, lambda rank: [*BASIC, *SAMPLING, "--timeout", str(TIMEOUT), "--json"])
-    victim = procs[1][0]
-    try:
-        wait_for_line(procs[1][1], r"\[rank 1 prefill\] 1 of 3 requests")
-        victim.send_signal(signal.SIGSTOP)  # alive but silent: only the timeout can tell
-        results = finish(procs, skip={1})
-    finally:
-        victim.kill()
-        victim.wait()
+    wait_for_line(procs[1][1], r"\[rank 1 prefill\] 1 of 3 requests")
+    procs[1][0].send_signal(signal.SIGSTOP)  # alive but silent: only the timeout can tell
+    results = finish(procs, skip={1})
     for rank, (code, _, err, seconds) in results.items():
         assert code == 1 and seconds < TIMEOUT + 60, err
         assert f"error: prefill rank 1 was lost: no message from it for {TIMEOUT} s" in err
@@ -172,7 +180,7 @@ def test_a_stalled_prefill_rank_fails_only_its_requests_within_the_timeout(basic
     assert [r["lost"] is not None for r in doc["metrics"]["ranks"]] == [False, True, False]
 
 
-def test_a_killed_prefill_rank_makes_the_decode_rank_exit_with_its_pool_free():
+def test_a_killed_prefill_rank_makes_the_decode_rank_exit_with_its_pool_free(spawn):
     procs = spawn(2, 1, lambda rank: [*BASIC, *SAMPLING, "--timeout", str(TIMEOUT), "--json"])
     wait_for_line(procs[0][1], r"\[rank 0 prefill\] 3 of 3 requests")
     procs[0][0].kill()
@@ -184,7 +192,7 @@ def test_a_killed_prefill_rank_makes_the_decode_rank_exit_with_its_pool_free():
     assert "Traceback" not in err
 
 
-def test_requests_offered_to_a_killed_decode_rank_go_to_another(basic_reference):
+def test_requests_offered_to_a_killed_decode_rank_go_to_another(spawn, basic_reference):
     """Killed before it could acknowledge anything: whatever had been offered to it is offered again elsewhere."""
     procs = spawn(3, 1, lambda rank: [*BASIC, *SAMPLING, "--timeout", str(TIMEOUT), "--json"])
     wait_for_line(procs[2][1], r"\[rank 2 decode\] pool")
@@ -208,7 +216,7 @@ def test_requests_offered_to_a_killed_decode_rank_go_to_another(basic_reference)
         (["--max-new-tokens", "5"], "rank 1 got other requests or options than rank 0"),
     ],
 )
-def test_ranks_that_disagree_are_refused_at_start_up(rank1, message):
+def test_ranks_that_disagree_are_refused_at_start_up(spawn, rank1, message):
     procs = spawn(2, 1, lambda rank: [*BASIC, *SAMPLING, *(rank1 if rank == 1 else []), "--json"])
     for code, out, err, _ in finish(procs).values():
         assert code == 1 and out == "" and message in err and "Traceback" not in err, err
