@@ -36,7 +36,8 @@ from disagg.sim import (
 from disagg.sim import __main__ as cli
 from disagg.sim.devices import DEFAULT
 from disagg.sim.links import Link
-from disagg.sim.search import Search, Target
+from disagg.sim.search import Search, Target, requests_for
+from disagg.sim.study import Scenario, conclusion
 
 DATA = Path(__file__).parent / "data"
 
@@ -384,3 +385,22 @@ def test_command_line(capsys, tmp_path):
     assert "colocated: $" in out and "disaggregated: $" in out and "default, not measured" in out
     assert cli.main(["simulate", "--trace", str(tmp_path / "missing.csv")]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_study_max_rate_and_conclusion():
+    h100 = device("h100")
+    scenario = Scenario(LLAMA3_8B, Workload(Poisson(1.0), Fixed(512), Fixed(64)), SLO(0.3, 0.03), rate=20.0,
+                        kinds=((h100, 1),), link=link("ib-ndr"), n_requests=300)  # fmt: skip
+    dep = Colocated(Pool(h100, 1), "chunked")
+    best = scenario.max_rate(dep, rel_tol=0.05)
+    assert best > 1 and scenario.run(dep, best).attainment >= 0.9
+    assert scenario.run(dep, 2 * best).attainment < 0.9
+    # A target nothing meets within the instance limit: the conclusion says so instead of comparing.
+    hopeless = scenario.with_(slo=SLO(0.001, 0.001), max_instances=2)
+    cmp = hopeless.compare()
+    assert cmp.colocated is None and cmp.disaggregated is None and cmp.disaggregated_over_colocated is None
+    text = conclusion(hopeless, cmp, [], [], [], [])
+    assert "No colocated deployment of up to 2 instances meets the target" in text
+    # Sized runs: five lifetimes at the SLOs, within bounds.
+    assert requests_for(scenario.workload, scenario.target) == 1000  # 20 req/s × 5 × (0.3 + 64 × 0.03) s = 222
+    assert requests_for(scenario.workload, Target(1000.0, SLO(1.0, 0.1))) == 10_000

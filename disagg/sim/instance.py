@@ -201,8 +201,8 @@ class Instance:
         return self.run_start + self._run_time(j)
 
     def complete(self) -> tuple[list[int], list[int]]:
-        """Apply the step (or run) that just ended: return the requests that finished decoding (their pages freed) and those
-        whose prefill completed (first token out)."""
+        """Apply the step (or run) that just ended: return the requests that finished decoding (their pages freed)
+        and those whose prefill completed (first token out)."""
         k = self.run_steps
         self.steps += k or 1
         finished: list[int] = []
@@ -227,7 +227,3 @@ class Instance:
             while self.prefilling and self.progress[self.prefilling[0]] == self.prompt[self.prefilling[0]]:
                 self.prefilling.popleft()
         return finished, prefilled
-
-    @property
-    def queued(self) -> int:
-        return len(self.waiting) + len(self.prefilling) + len(self.joining)

@@ -63,7 +63,7 @@ class Search:
     workload: Workload
     target: Target
     serving: Serving = field(default_factory=Serving)
-    n_requests: int | None = None  # None: enough for ten request lifetimes at the SLOs (see requests_for)
+    n_requests: int | None = None  # None: enough for five request lifetimes at the SLOs (see requests_for)
     seed: int = 0
     max_instances: int = 512  # per pool: beyond it a candidate is given up
     trim: float = 0.1  # judge the steady state: see metrics
@@ -218,7 +218,7 @@ def _rank(plan: Plan) -> tuple[float, float]:
     return plan.deployment.hourly_cost, -plan.summary.attainment
 
 
-def requests_for(workload: Workload, target: Target, lifetimes: float = 10, low: int = 1000, high: int = 20_000) -> int:
+def requests_for(workload: Workload, target: Target, lifetimes: float = 5, low: int = 1000, high: int = 10_000) -> int:
     """How many requests make a run last ``lifetimes`` request lifetimes (TTFT target + mean output × TPOT target),
     within [low, high]: long enough that an overloaded deployment shows it, whether prefill or decode overflows."""
     lifetime = target.slo.ttft + workload.mean_lengths()[1] * target.slo.tpot

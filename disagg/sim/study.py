@@ -143,8 +143,10 @@ def conclusion(
     ratio_comparisons: list[Comparison],
     links: list[Link],
     link_plans: list[Plan | None],
+    sensitivity: Scenario | None = None,
 ) -> str:
-    """The findings as a few sentences of Markdown, every number taken from the results passed in."""
+    """The findings as a few sentences of Markdown, every number taken from the results passed in (``sensitivity``:
+    the scenario the ratio and link sweeps ran on, when not ``scenario``)."""
     c, d = comparison.colocated, comparison.disaggregated
     wl_prompt, wl_output = scenario.workload.mean_lengths()
     head = (
@@ -180,7 +182,9 @@ def conclusion(
         x = cmp.disaggregated_over_colocated
         key = "unmet" if x is None else "cheaper" if x < 0.995 else "dearer" if x > 1.005 else "equal"
         groups[key].append(f"{r:g}:1 ({x:.2f}×)" if x is not None else f"{r:g}:1")
-    text = "Over prompt:output length ratios (mean prompt + output held fixed), disaggregation is " + "; ".join(
+    swept = sensitivity or scenario
+    on = f"{', '.join(k[0].name for k in swept.kinds)} only; " if swept.kinds != scenario.kinds else ""
+    text = f"Over prompt:output length ratios ({on}mean prompt + output held fixed), disaggregation is " + "; ".join(
         f"{label} at {', '.join(groups[key])}"
         for key, label in (("cheaper", "cheaper"), ("dearer", "dearer"), ("equal", "as cheap"))
         if groups[key]
@@ -194,7 +198,8 @@ def conclusion(
         worse = [link for link, plan in priced if plan.cost_per_million > 1.005 * best]
         unmet = [link.name for link, plan in zip(links, link_plans, strict=True) if plan is None]
         text = (
-            f"Over links, the disaggregated cost is lowest (${best:.2f}) at "
+            f"Over links ({on.removesuffix('; ')}{'; ' if on else ''}the cheapest disaggregated deployment per link), "
+            f"the cost is lowest (${best:.2f}) at "
             f"{', '.join(link.name for link, plan in priced if plan.cost_per_million <= 1.005 * best)}"
         )
         if worse:
