@@ -112,25 +112,20 @@ class ModelShape:
         """K and V of one token over all layers."""
         return 2.0 * self.layers * self.kv_heads * self.head_dim * kv_bytes
 
-    def gemm_flops(self, tokens: int) -> float:
-        """FLOPs of every projection, the MLP and the LM head for ``tokens`` tokens (attention excluded)."""
+    def gemm_flops(self, tokens: int, logits: int | None = None) -> float:
+        """FLOPs of every projection and the MLP for ``tokens`` tokens, and of the LM head for ``logits`` of them
+        (default: all; a serving step needs logits only for the last token of each sequence). Attention excluded."""
         per_layer = gemm_flops(tokens, self.head_dim * (self.q_heads + 2 * self.kv_heads), self.hidden)
         per_layer += gemm_flops(tokens, self.hidden, self.q_heads * self.head_dim)
         per_layer += 3 * gemm_flops(tokens, self.ffn, self.hidden)
-        return self.layers * per_layer + gemm_flops(tokens, self.vocab, self.hidden)
+        return self.layers * per_layer + gemm_flops(tokens if logits is None else logits, self.vocab, self.hidden)
 
-    def gemm_bytes(self, tokens: int, dtype_bytes: int = 2) -> float:
-        """GEMM weights read once plus activations in and out of each GEMM."""
-        act = (
-            tokens
-            * dtype_bytes
-            * (
-                self.layers * (2 * self.hidden + self.head_dim * (2 * self.q_heads + 2 * self.kv_heads) + 4 * self.ffn)
-                + self.hidden
-                + self.vocab
-            )
-        )
-        return self.gemm_params * dtype_bytes + act
+    def gemm_bytes(self, tokens: int, dtype_bytes: int = 2, logits: int | None = None) -> float:
+        """GEMM weights read once plus activations in and out of each GEMM (the LM head's for ``logits`` rows,
+        default all)."""
+        layers = self.layers * (2 * self.hidden + self.head_dim * (2 * self.q_heads + 2 * self.kv_heads) + 4 * self.ffn)
+        head = (self.hidden + self.vocab) * (tokens if logits is None else logits)
+        return self.gemm_params * dtype_bytes + dtype_bytes * (tokens * layers + head)
 
     def prefill_attention_flops(self, tokens: int, past: int = 0) -> float:
         """Causal attention of ``tokens`` new query tokens over themselves and ``past`` cached tokens (a whole

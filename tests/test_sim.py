@@ -46,9 +46,11 @@ TOY = ModelShape("toy", layers=2, hidden=64, q_heads=4, kv_heads=2, head_dim=16,
 WIRE = Link("wire", bandwidth=1e10, latency=1e-6)
 ROUND = Device("round", flops=1e12, bandwidth=1e11, memory=1e6, price_per_hour=1.0, interconnect=WIRE,
                efficiency=Efficiency(1.0, 1.0, 1.0))  # fmt: skip
-# Per token: GEMM FLOPs = 2 x GEMM params; GEMM params = 2 layers x (64·16·12 + 3·64·128) + 1000·64 (LM head).
-GEMM_PARAMS = 2 * (64 * 16 * 12 + 3 * 64 * 128) + 1000 * 64  # 137,728
-ACT_BYTES = 2 * (2 * (2 * 64 + 16 * 12 + 4 * 128) + 64 + 1000)  # activations in/out of every GEMM, per token
+# GEMM params: 2 layers x (q/k/v/o 64·16·12 + MLP 3·64·128), and the LM head 1000·64; 2 FLOPs per param per row.
+LAYER_PARAMS, HEAD_PARAMS = 2 * (64 * 16 * 12 + 3 * 64 * 128), 1000 * 64
+GEMM_PARAMS = LAYER_PARAMS + HEAD_PARAMS  # 137,728
+LAYER_ACT, HEAD_ACT = 2 * 2 * (2 * 64 + 16 * 12 + 4 * 128), 2 * (64 + 1000)  # bf16 activations in/out per row
+ACT_BYTES = LAYER_ACT + HEAD_ACT
 KV_PER_TOKEN = 2 * 2 * 2 * 16 * 2  # K and V x layers x kv_heads x head_dim x bf16 = 256 bytes
 
 
@@ -73,9 +75,14 @@ def test_step_costs_by_hand():
     flops = 2 * 4 * 4 * 30 * 16
     nbytes = 2 * (2 * 2 * 30 * 16 * 2 + 2 * (2 * 4 * 16 * 2))
     assert c.decode_attention(2, 30) == pytest.approx(max(flops / 1e12, nbytes / 1e11), rel=1e-12)
-    # A mixed step is the sum of its pieces, with the GEMMs over all 10 tokens at once.
+    # A mixed step is the sum of its pieces, with the GEMMs over all 10 tokens at once and the LM head over the
+    # 3 rows that need logits (2 decode tokens, the chunk's last token).
+    gemm = max(
+        (10 * 2 * LAYER_PARAMS + 3 * 2 * HEAD_PARAMS) / 1e12, (2 * GEMM_PARAMS + 10 * LAYER_ACT + 3 * HEAD_ACT) / 1e11
+    )
+    assert c.gemm(10, logits=3) == pytest.approx(gemm, rel=1e-12)
     assert c.step(2, 30, [(8, 0)]) == pytest.approx(
-        c.gemm(10) + c.prefill_attention([(8, 0)]) + c.decode_attention(2, 30), rel=1e-12
+        gemm + c.prefill_attention([(8, 0)]) + c.decode_attention(2, 30), rel=1e-12
     )
     assert c.step(0, 0) == 0.0
     # Efficiencies derate: half the decode efficiency doubles the (bandwidth-bound) decode attention time.
@@ -94,6 +101,7 @@ def test_tensor_parallel_step_costs_by_hand():
     allreduce = 2 * 2 * (2 * (1e-6 + 10 * 64 * 2 / (2 * 1e10)))
     assert c2.allreduce(10) == pytest.approx(allreduce, rel=1e-12)
     assert c2.step(2, 30, [(8, 0)]) == pytest.approx(c1.step(2, 30, [(8, 0)]) / 2 + allreduce, rel=1e-12)
+    assert c1.step(2, 30, [(8, 0)]) > c1.gemm(10, logits=3)
     assert c1.allreduce(10) == 0.0
     assert c2.kv_capacity_tokens(0.9) > 2 * c1.kv_capacity_tokens(0.9)  # twice the memory, the weights once
 
@@ -337,6 +345,10 @@ def test_hf_config_and_model_shape(tmp_path):
         ModelShape.from_hf_config({k: v for k, v in cfg.items() if k != "vocab_size"})
     # GEMM bytes read the GEMM weights (every projection and the LM head), not the embedding table.
     assert LLAMA3_8B.gemm_bytes(0) == 2 * (LLAMA3_8B.params - 128256 * 4096 - 32 * 2 * 4096)
+    # Serving steps need logits for some rows only: the LM head is counted for those.
+    head = 2 * 128256 * 4096
+    assert LLAMA3_8B.gemm_flops(10, logits=2) == LLAMA3_8B.gemm_flops(10) - 8 * head
+    assert LLAMA3_8B.gemm_bytes(10, logits=2) == LLAMA3_8B.gemm_bytes(10) - 8 * 2 * (4096 + 128256)
 
 
 def test_bad_deployments_are_refused():

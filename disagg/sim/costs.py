@@ -51,9 +51,11 @@ class StepCost:
         self.decode_roof = Roofline(tp * device.flops * e.decode_attention, tp * device.bandwidth * e.decode_attention)
         # The counts are linear in tokens and in context, so a step needs only these coefficients: the simulator
         # evaluates millions of steps. Tests check them against the direct formulas.
-        self._gemm_flops = model.gemm_flops(1)
-        self._gemm_bytes0 = model.gemm_bytes(0, dtype_bytes)
-        self._gemm_bytes1 = model.gemm_bytes(1, dtype_bytes) - self._gemm_bytes0
+        self._gemm_flops = model.gemm_flops(1, logits=0)  # per token through the layers
+        self._head_flops = model.gemm_flops(0, logits=1)  # per row through the LM head
+        self._gemm_bytes0 = model.gemm_bytes(0, dtype_bytes, logits=0)  # the weights
+        self._gemm_bytes1 = model.gemm_bytes(1, dtype_bytes, logits=0) - self._gemm_bytes0
+        self._head_bytes = model.gemm_bytes(0, dtype_bytes, logits=1) - self._gemm_bytes0
         self._dec_flops = model.decode_attention_flops(1)
         self._dec_q = model.decode_attention_bytes(1, 0, kv_bytes, dtype_bytes)
         self._dec_kv = model.decode_attention_bytes(1, 1, kv_bytes, dtype_bytes) - self._dec_q
@@ -72,11 +74,15 @@ class StepCost:
         free = mem_util * self.tp * self.device.memory - self.model.weight_bytes(self.dtype_bytes)
         return max(0, int(free // self.kv_bytes_per_token))
 
-    def gemm(self, tokens: int) -> float:
+    def gemm(self, tokens: int, logits: int | None = None) -> float:
+        """The GEMMs of ``tokens`` tokens, ``logits`` of which (default all) go through the LM head."""
         if tokens == 0:
             return 0.0
+        logits = tokens if logits is None else logits
         r = self.gemm_roof
-        return max(tokens * self._gemm_flops / r.flops, (self._gemm_bytes0 + tokens * self._gemm_bytes1) / r.bandwidth)
+        flops = tokens * self._gemm_flops + logits * self._head_flops
+        nbytes = self._gemm_bytes0 + tokens * self._gemm_bytes1 + logits * self._head_bytes
+        return max(flops / r.flops, nbytes / r.bandwidth)
 
     def prefill_attention(self, chunks: Iterable[tuple[int, int]]) -> float:
         """One varlen attention launch over ``(tokens, past)`` chunks."""
@@ -99,14 +105,15 @@ class StepCost:
 
     def step(self, batch: int, context_sum: int, chunks: list[tuple[int, int]] = ()) -> float:
         """A step with ``batch`` decode tokens (contexts adding up to ``context_sum``, each counting the token
-        being decoded) and prefill ``chunks`` of ``(tokens, past)``."""
+        being decoded) and prefill ``chunks`` of ``(tokens, past)``. Logits are computed for each decode token and
+        the last token of each chunk."""
         tokens = batch + sum(t for t, _ in chunks)
         if tokens == 0:
             return 0.0
         attn = self.prefill_attention(chunks) if chunks else 0.0
         return (
             self.overhead
-            + self.gemm(tokens)
+            + self.gemm(tokens, batch + len(chunks))
             + attn
             + self.decode_attention(batch, context_sum)
             + self.allreduce(tokens)

@@ -101,7 +101,8 @@ class Search:
         prompt, output = self.requests.prompt.tolist(), self.requests.output.tolist()
         n = len(prompt)
         prefill = sum(
-            model.gemm_flops(p) / cost.gemm_roof.flops + model.prefill_attention_flops(p) / cost.prefill_roof.flops
+            model.gemm_flops(p, logits=1) / cost.gemm_roof.flops
+            + model.prefill_attention_flops(p) / cost.prefill_roof.flops
             for p in prompt
         )
         batch = max(

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from disagg.roofline import ModelShape
-from disagg.sim.cluster import Deployment, Serving
+from disagg.sim.cluster import Colocated, Deployment, Disaggregated, Serving
 from disagg.sim.devices import DEFAULT, Device
 from disagg.sim.engine import simulate
 from disagg.sim.links import Link
@@ -136,6 +136,17 @@ def describe_devices(devices: list[Device]) -> str:
     return f"Ceilings measured by bench for {', '.join(measured)}; see each device's line for what is still default."
 
 
+def verdict(comparison: Comparison, kinds: tuple[InstanceType, ...]) -> str | None:
+    """ "cheaper", "dearer" or "within one instance" (disaggregated against colocated), or None when either has no
+    plan. The resolution of the answer is one instance of the cheapest kind on offer, as a share of the colocated
+    cost: a smaller difference is one instance more or less, not a verdict."""
+    ratio = comparison.disaggregated_over_colocated
+    if ratio is None:
+        return None
+    resolution = min(k[0].price_per_hour * k[1] for k in kinds) / comparison.colocated.deployment.hourly_cost
+    return "cheaper" if ratio < 1 - resolution else "dearer" if ratio > 1 + resolution else "within one instance"
+
+
 def conclusion(
     scenario: Scenario,
     comparison: Comparison,
@@ -144,53 +155,62 @@ def conclusion(
     links: list[Link],
     link_plans: list[Plan | None],
     sensitivity: Scenario | None = None,
+    goodputs: dict[Deployment, float] | None = None,
 ) -> str:
     """The findings as a few sentences of Markdown, every number taken from the results passed in (``sensitivity``:
-    the scenario the ratio and link sweeps ran on, when not ``scenario``)."""
+    the scenario the ratio and link sweeps ran on, when not ``scenario``; ``goodputs``: ``max_rate`` of some
+    deployments)."""
     c, d = comparison.colocated, comparison.disaggregated
     wl_prompt, wl_output = scenario.workload.mean_lengths()
-    head = (
+    lines = [
         f"**{scenario.model.name}**, prompts ~{wl_prompt:.0f} and outputs ~{wl_output:.0f} tokens, "
-        f"{scenario.rate:g} req/s with {scenario.attainment:.0%} of requests within TTFT {scenario.slo.ttft * 1e3:.0f} ms "
-        f"and TPOT {scenario.slo.tpot * 1e3:.0f} ms."
-    )
-    lines = [head]
+        f"{scenario.rate:g} req/s with {scenario.attainment:.0%} of requests within TTFT {scenario.slo.ttft * 1e3:.0f} "
+        f"ms and TPOT {scenario.slo.tpot * 1e3:.0f} ms."
+    ]
+    if goodputs:
+        best = {
+            kind: max(((r / dep.gpus, dep) for dep, r in goodputs.items() if isinstance(dep, cls)), default=None)
+            for kind, cls in (("colocated", Colocated), ("disaggregated", Disaggregated))
+        }
+        if all(best.values()):
+            (rc, dc), (rd, dd) = best["colocated"], best["disaggregated"]
+            lines.append(
+                f"Per GPU, the best colocated deployment tried ({dc.describe()}) sustains {rc:.1f} req/s at the "
+                f"target attainment and the best disaggregated split ({dd.describe()}) {rd:.1f} req/s: "
+                f"{rd / rc:.2f}× the goodput per GPU."
+            )
     if c is None or d is None:
         missing = "colocated" if c is None else "disaggregated"
         lines.append(f"No {missing} deployment of up to {scenario.max_instances} instances meets the target.")
         return "\n\n".join(lines)
     ratio = comparison.disaggregated_over_colocated
-    verdict = (
-        f"disaggregation **pays**: it costs {ratio:.2f}× what colocation does"
-        if ratio < 0.995
-        else f"disaggregation **does not pay**: it costs {ratio:.2f}× what colocation does"
-        if ratio > 1.005
-        else "the two deployments **cost the same**"
-    )
+    found = verdict(comparison, scenario.kinds)
+    text = {
+        "cheaper": f"disaggregation **pays**: it costs {ratio:.2f}× what colocation does",
+        "dearer": f"disaggregation **does not pay**: it costs {ratio:.2f}× what colocation does",
+        "within one instance": f"**neither is clearly cheaper**: {ratio:.2f}×, within one instance of each other",
+    }[found]
     lines.append(
         f"The cheapest colocated deployment is {c.deployment.describe()} at ${c.cost_per_million:.2f} per million "
         f"requests; the cheapest disaggregated one is {d.deployment.describe()} at ${d.cost_per_million:.2f}: "
-        f"{verdict}."
+        f"{text}."
     )
     p, q = d.deployment.prefill, d.deployment.decode
     lines.append(
-        f"The cost-optimal split is {p.count}:{q.count} prefill:decode instances ({p.gpus}:{q.gpus} GPUs) "
-        f"({len(comparison.frontier)} prefill counts tried, each with the fewest decode instances that meet the target)."
+        f"The cost-optimal split is {p.count}:{q.count} prefill:decode instances ({p.gpus}:{q.gpus} GPUs; "
+        f"{len(comparison.frontier)} prefill counts tried, each with the fewest decode instances that meet the target)."
     )
-    groups: dict[str, list[str]] = {"cheaper": [], "dearer": [], "equal": [], "unmet": []}
+    groups: dict[str | None, list[str]] = {"cheaper": [], "dearer": [], "within one instance": [], None: []}
+    swept = sensitivity or scenario
     for r, cmp in zip(ratios, ratio_comparisons, strict=True):
         x = cmp.disaggregated_over_colocated
-        key = "unmet" if x is None else "cheaper" if x < 0.995 else "dearer" if x > 1.005 else "equal"
-        groups[key].append(f"{r:g}:1 ({x:.2f}×)" if x is not None else f"{r:g}:1")
-    swept = sensitivity or scenario
+        groups[verdict(cmp, swept.kinds)].append(f"{r:g}:1" + (f" ({x:.2f}×)" if x is not None else ""))
     on = f"{', '.join(k[0].name for k in swept.kinds)} only; " if swept.kinds != scenario.kinds else ""
     text = f"Over prompt:output length ratios ({on}mean prompt + output held fixed), disaggregation is " + "; ".join(
-        f"{label} at {', '.join(groups[key])}"
-        for key, label in (("cheaper", "cheaper"), ("dearer", "dearer"), ("equal", "as cheap"))
-        if groups[key]
+        f"{key} at {', '.join(groups[key])}" for key in ("cheaper", "dearer", "within one instance") if groups[key]
     )
-    if groups["unmet"]:
-        text += f"; at {', '.join(groups['unmet'])} one deployment cannot meet the target"
+    if groups[None]:
+        text += f"; at {', '.join(groups[None])} one deployment cannot meet the target"
     lines.append(text + ".")
     priced = [(link, plan) for link, plan in zip(links, link_plans, strict=True) if plan is not None]
     if priced:
@@ -198,7 +218,7 @@ def conclusion(
         worse = [link for link, plan in priced if plan.cost_per_million > 1.005 * best]
         unmet = [link.name for link, plan in zip(links, link_plans, strict=True) if plan is None]
         text = (
-            f"Over links ({on.removesuffix('; ')}{'; ' if on else ''}the cheapest disaggregated deployment per link), "
+            f"Over links ({on}the cheapest disaggregated deployment per link), "
             f"the cost is lowest (${best:.2f}) at "
             f"{', '.join(link.name for link, plan in priced if plan.cost_per_million <= 1.005 * best)}"
         )
