@@ -411,8 +411,16 @@ def test_study_max_rate_and_conclusion():
     hopeless = scenario.with_(slo=SLO(0.001, 0.001), max_instances=2)
     cmp = hopeless.compare()
     assert cmp.colocated is None and cmp.disaggregated is None and cmp.disaggregated_over_colocated is None
-    text = conclusion(hopeless, cmp, [], [], [], [])
+    ib = link("ib-ndr")
+    goodputs = {  # ties in goodput per GPU must not trip the comparison
+        Colocated(Pool(h100, 1)): 10.0,
+        Colocated(Pool(h100, 2)): 20.0,
+        Disaggregated(Pool(h100, 1), Pool(h100, 1), ib): 16.0,
+        Disaggregated(Pool(h100, 2), Pool(h100, 2), ib): 32.0,
+    }
+    text = conclusion(hopeless, cmp, [], [], [], [], goodputs=goodputs)
     assert "No colocated deployment of up to 2 instances meets the target" in text
+    assert "sustains 10.0 req/s" in text and "8.0 req/s: 0.80× the goodput per GPU" in text
     # Sized runs: five lifetimes at the SLOs, within bounds.
     assert requests_for(scenario.workload, scenario.target) == 1000  # 20 req/s × 5 × (0.3 + 64 × 0.03) s = 222
     assert requests_for(scenario.workload, Target(1000.0, SLO(1.0, 0.1))) == 10_000

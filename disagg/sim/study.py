@@ -169,7 +169,11 @@ def conclusion(
     ]
     if goodputs:
         best = {
-            kind: max(((r / dep.gpus, dep) for dep, r in goodputs.items() if isinstance(dep, cls)), default=None)
+            kind: max(
+                ((r / dep.gpus, dep) for dep, r in goodputs.items() if isinstance(dep, cls)),
+                key=lambda x: x[0],
+                default=None,
+            )
             for kind, cls in (("colocated", Colocated), ("disaggregated", Disaggregated))
         }
         if all(best.values()):
