@@ -7,7 +7,8 @@ The conventions are those of ``shared/PERF.md`` and the FlashAttention benchmark
   pairs is used (``causal_pairs``);
 - attention bytes = q, k, v read once and out written once (the least any kernel can move);
 - decode bytes = every K and V element of the context read once at the cache dtype + q read + out written;
-- a GEMM (m × k) @ (k × n) costs 2·m·n·k FLOPs and moves both operands and the result once.
+- a GEMM (m × k) @ (k × n) costs 2·m·n·k FLOPs and moves both operands and the result once;
+- a device-to-device copy of n bytes moves 2·n bytes (read plus written): the bandwidth ceiling counts both.
 
 Everything here is plain Python arithmetic on ints/floats: no torch, no GPU, cheap enough for a simulator's
 inner loop.
@@ -70,9 +71,36 @@ def gemm_bytes(m: int, n: int, k: int, dtype_bytes: int = 2) -> float:
     return float((m * k + k * n + m * n) * dtype_bytes)
 
 
+def copy_bytes(nbytes: int) -> float:
+    """Bytes a copy of ``nbytes`` moves: every byte read once and written once."""
+    return 2.0 * nbytes
+
+
 def intensity(flops: float, nbytes: float) -> float:
     """Arithmetic intensity in FLOP per byte."""
     return flops / nbytes if nbytes > 0 else float("inf")
+
+
+def prefill_intensity(
+    seqlen: int, head_dim: int, q_heads: int, kv_heads: int, causal: bool = True, dtype_bytes: int = 2
+) -> float:
+    """Intensity of prefill attention over one sequence of ``seqlen`` tokens (independent of the batch): grows
+    linearly with the sequence length, which is why prefill is compute-bound."""
+    return intensity(
+        attention_flops(1, q_heads, seqlen, seqlen, head_dim, causal),
+        attention_bytes(1, q_heads, kv_heads, seqlen, seqlen, head_dim, dtype_bytes),
+    )
+
+
+def decode_intensity(
+    batch: int, q_heads: int, kv_heads: int, context: int, head_dim: int, kv_bytes: float = 2, q_bytes: int = 2
+) -> float:
+    """Intensity of one decode step: about (q_heads / kv_heads) · 2 / kv_bytes whatever the batch and context,
+    since every sequence reads its own KV: batching does not help attention, only the GEMMs."""
+    return intensity(
+        decode_flops(batch, q_heads, context, head_dim),
+        decode_bytes(batch, q_heads, kv_heads, context, head_dim, kv_bytes, q_bytes),
+    )
 
 
 @dataclass(frozen=True)
@@ -194,6 +222,11 @@ class ModelShape:
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         )
 
+    def gemm_intensity(self, tokens: int, dtype_bytes: int = 2) -> float:
+        """Intensity of the model's GEMMs for a step of ``tokens`` tokens (the batch, in decode): the weights are
+        read once per step whatever the batch, so intensity grows about linearly with it."""
+        return intensity(self.gemm_flops(tokens), self.gemm_bytes(tokens, dtype_bytes))
+
 
 LLAMA3_8B = ModelShape("llama-3-8b", 32, 4096, 32, 8, 128, 14336, 128256)
 LLAMA3_70B = ModelShape("llama-3-70b", 80, 8192, 64, 8, 128, 28672, 128256)
@@ -219,3 +252,8 @@ class Roofline:
     def time(self, flops: float, nbytes: float) -> float:
         """Lower bound on the time of a piece of work: the larger of its compute and memory times."""
         return max(flops / self.flops, nbytes / self.bandwidth)
+
+
+H100_SXM_DATASHEET = Roofline(flops=989e12, bandwidth=3.35e12)
+"""NVIDIA's H100 SXM datasheet figures (dense bf16, HBM3). Assumed, not measured: what a figure may use only when
+no measured ceilings exist, and must say so. Measured values are lower (~798 TFLOP/s, ~3.0 TB/s; shared/PERF.md)."""

@@ -1,7 +1,10 @@
 """phaseattn kernels: Triton attention kernels specialised for the two phases of LLM inference.
 
 Public API:
-    prefill_attention   FlashAttention forward over packed varlen batches (causal, GQA, window, softcap)
+    prefill_attention        FlashAttention forward over packed varlen batches (causal, GQA, window, softcap)
+    write_kv_cache           scatter new K/V into a paged cache (num_pages, page_size, kv_heads, head_dim); fp8
+    paged_decode_attention   one query token per sequence over its paged KV cache (GQA, split-KV, fp8 KV)
+    merge_attention_states   exact combine of two partial attentions over disjoint key sets, through their LSEs
 
 The kernels run compiled on CUDA tensors when a CUDA device is present, and in Triton's interpreter on CPU
 tensors otherwise (``TRITON_INTERPRET`` set by the user wins). See :mod:`kernels._runtime`.
@@ -18,6 +21,17 @@ if _runtime.INTERPRET:
 
     _interpreter_fixes.apply()
 
+from kernels.decode import paged_decode_attention
+from kernels.kv_cache import write_kv_cache
+from kernels.merge import merge_attention_states
 from kernels.prefill import prefill_attention
 
-__all__ = ["INTERPRET", "debug_enabled", "prefill_attention", "set_debug"]
+__all__ = [
+    "INTERPRET",
+    "debug_enabled",
+    "merge_attention_states",
+    "paged_decode_attention",
+    "prefill_attention",
+    "set_debug",
+    "write_kv_cache",
+]

@@ -7,8 +7,8 @@ Scores are kept in the log2 domain: the kernels multiply ``q·k`` by ``sm_scale 
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # jit globals must be tl.constexpr instances
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

@@ -87,3 +87,89 @@ def prefill_attention_ref(
         )
         out[qs:qe], lse[qs:qe] = o, l
     return out, lse
+
+
+def _as_float(scale: float | torch.Tensor | None) -> float:
+    return 1.0 if scale is None else float(scale)
+
+
+def gather_pages(cache: torch.Tensor, pages: torch.Tensor, length: int, scale: float | torch.Tensor | None = None):
+    """The first ``length`` tokens of a sequence whose pages are ``pages`` (in order), as a dense float64
+    (length, num_kv_heads, head_dim) tensor, multiplied by ``scale`` (the fp8 dequant scale) when given."""
+    page_size = cache.shape[1]
+    used = pages[: -(-length // page_size)].long().cpu()
+    dense = cache.cpu()[used].double().reshape(-1, *cache.shape[2:])[:length]
+    return dense * _as_float(scale)
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    sm_scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 reference of :func:`kernels.paged_decode_attention`: gathers each sequence's pages into dense
+    (dequantized) K/V and attends with :func:`attention_ref` (one query at position seq_len - 1).
+
+    Returns (out (batch, Hq, D) float64, lse (batch, Hq) float64).
+    """
+    batch, hq, d = q.shape
+    out = torch.zeros(batch, hq, d, dtype=torch.float64)
+    lse = torch.zeros(batch, hq, dtype=torch.float64)
+    for b, length in enumerate(seq_lens.tolist()):
+        k = gather_pages(k_cache, block_table[b], length, k_scale)
+        v = gather_pages(v_cache, block_table[b], length, v_scale)
+        o, l = attention_ref(q[b : b + 1].cpu(), k, v, causal=True, sm_scale=sm_scale, window=window, softcap=softcap)
+        out[b], lse[b] = o[0], l[0]
+    return out, lse
+
+
+def write_kv_cache_ref(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`kernels.write_kv_cache`: returns updated CPU copies of (k_cache, v_cache), leaving the
+    inputs alone. An fp8 cache stores fp8(clamp(fp32(x) / scale, ±448)), the division done in float32 as the
+    kernel does (a float64 division could round differently on ties)."""
+    slots = slot_mapping.cpu().long()
+    keep = slots >= 0
+    page_size = k_cache.shape[1]
+    pages, offsets = slots[keep] // page_size, slots[keep] % page_size
+    results = []
+    for x, cache, scale in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
+        cache = cache.cpu().clone()
+        values = x.cpu()[keep]
+        if cache.dtype == torch.float8_e4m3fn:
+            fp8_max = torch.finfo(torch.float8_e4m3fn).max
+            values = (values.float() / torch.tensor(_as_float(scale), dtype=torch.float32)).clamp(-fp8_max, fp8_max)
+        cache[pages, offsets] = values.to(cache.dtype)
+        results.append(cache)
+    return results[0], results[1]
+
+
+def merge_attention_states_ref(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 reference of :func:`kernels.merge_attention_states`. A side with lse = -inf contributes nothing
+    (whatever its output holds); both -inf gives out = 0, lse = -inf."""
+    la, lb = lse_a.double().cpu(), lse_b.double().cpu()
+    lse = torch.logaddexp(la, lb)
+    out = torch.zeros(out_a.shape, dtype=torch.float64)
+    for o, l in ((out_a, la), (out_b, lb)):
+        seen = ~torch.isneginf(l)
+        weight = torch.exp(l - lse).masked_fill(~seen, 0.0)
+        out += torch.where(seen[..., None], weight[..., None] * o.double().cpu(), 0.0)
+    return out, lse

@@ -328,6 +328,30 @@ def test_calibration_from_bench_results(tmp_path):
         calibrated_devices([unknown])
 
 
+def test_calibration_reads_what_bench_writes(tmp_path):
+    # The file as bench's own writer lays it out, so a change of schema on either side fails here.
+    from bench.results import Ceilings, ResultsFile, measurement
+    from bench.timing import Timing
+
+    env = {"device_name": "NVIDIA H200", "memory_bytes": 150e9, "sm_count": 132}
+    ceilings = Ceilings(matmul_flops=7.9e14, copy_bandwidth=4.3e12)
+    results = ResultsFile(tmp_path / "h200.json", command="test", env=env, smoke=False)
+    results.set_ceilings(ceilings, [])
+    for phase, kind, flops, nbytes, ms in (
+        ("prefill", "ours", 6e11, 1e9, 1.0),  # 600 TFLOP/s = 0.759 of the matmul ceiling
+        ("prefill", "peer", 6e11, 1e9, 0.8),
+        ("decode", "ours", 1e9, 3.87e9, 1.0),  # 3.87 TB/s = 0.9 of the copy bandwidth
+    ):
+        results.add(measurement(phase, "x", kind, {}, flops, nbytes, Timing(ms, ms, ms, "test"), ceilings))
+    h200 = calibrated_devices([tmp_path / "h200.json"])["h200"]
+    assert (h200.flops, h200.bandwidth, h200.memory) == (7.9e14, 4.3e12, 150e9)
+    assert h200.efficiency.prefill_attention == pytest.approx(6e14 / 7.9e14)
+    assert h200.efficiency.decode_attention == pytest.approx(0.9)
+    smoke = ResultsFile(tmp_path / "smoke.json", command="test", env=env, smoke=True)
+    with pytest.raises(ValueError, match="smoke"):
+        read_results(smoke.path)
+
+
 def test_hf_config_and_model_shape(tmp_path):
     cfg = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 32, "hidden_size": 4096,
            "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,

@@ -25,7 +25,7 @@ def _measured_results() -> bool:
 
 def test_disaggregation_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("DISAGG_SIM_QUICK", "1")
-    monkeypatch.setenv("DISAGG_FIGURES", str(tmp_path))
+    monkeypatch.setenv("DISAGGREGATION_PNG", str(tmp_path / "disaggregation.png"))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(
         nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}

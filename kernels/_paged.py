@@ -1,0 +1,127 @@
+"""The paged KV cache layout: the one place that knows it, on the host (checks) and on the device (address math).
+
+One K and one V tensor per layer, each (num_pages, page_size, num_kv_heads, head_dim) ("NHD" pages, as in vLLM's
+flash backend and FlashInfer). Token ``t`` of a sequence lives in page ``block_table[b, t // page_size]`` at
+offset ``t % page_size``; a *slot* is the flat index ``page * page_size + offset``. page_size is a power of two
+from 8 to 256. Both caches share one shape, dtype, device and strides (any strides: a cache may be a view into a
+larger pool); addresses are computed in int64 because a pool can hold more than 2**31 elements.
+
+fp8 caches (float8_e4m3fn) hold ``x / scale`` saturated to ±448, with one float32 scale per tensor (K and V each).
+A scale is either a Python number or a 1-element float32 tensor on the cache's device; the tensor form is read
+in-kernel, so a launch never copies a scale to the host (scales that change at run time stay CUDA-graph safe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _runtime, _validate
+
+PAGE_SIZES = (8, 16, 32, 64, 128, 256)
+CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
+FP8_MAX: tl.constexpr = 448.0
+"""Largest finite float8_e4m3fn magnitude: stored values saturate here."""
+
+Scale = float | torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    num_pages: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    strides: tuple[int, int, int, int]
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.dtype == torch.float8_e4m3fn
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_pages * self.page_size
+
+
+def cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> CacheLayout:
+    """Check that k_cache and v_cache form a valid pair of paged caches and return their layout."""
+    _validate.tensor("k_cache", k_cache, 4, CACHE_DTYPES)
+    _validate.tensor("v_cache", v_cache, 4, CACHE_DTYPES)
+    _validate.same_dtype(k_cache=k_cache, v_cache=v_cache)
+    _validate.same_device(k_cache=k_cache, v_cache=v_cache)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    if v_cache.stride() != k_cache.stride():
+        raise ValueError(
+            f"k_cache and v_cache must have the same strides, got {k_cache.stride()} and {v_cache.stride()}"
+        )
+    num_pages, page_size, num_kv_heads, head_dim = k_cache.shape
+    if page_size not in PAGE_SIZES:
+        raise ValueError(
+            f"k_cache has page_size {page_size} (dim 1 of (num_pages, page_size, num_kv_heads, head_dim)); "
+            f"supported page sizes are {PAGE_SIZES}"
+        )
+    if num_kv_heads < 1 or head_dim < 1:
+        raise ValueError(f"k_cache must have num_kv_heads >= 1 and head_dim >= 1, got shape {tuple(k_cache.shape)}")
+    return CacheLayout(num_pages, page_size, num_kv_heads, head_dim, k_cache.dtype, tuple(k_cache.stride()))
+
+
+def scale_args(layout: CacheLayout, k_scale: Scale, v_scale: Scale, device: torch.device) -> tuple:
+    """Check the fp8 scales against the cache and return the kernel arguments
+    ``(k_scale, v_scale, K_SCALE_IN_MEMORY, V_SCALE_IN_MEMORY)``; non-fp8 caches get (1.0, 1.0, False, False)."""
+    if not layout.is_fp8:
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if scale is not None:
+                raise ValueError(f"{name} applies only to float8_e4m3fn caches; this cache is {layout.dtype}")
+        return 1.0, 1.0, False, False
+    args = []
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            raise ValueError(f"{name} is required with a float8_e4m3fn cache (per-tensor float32 dequant scale)")
+        if isinstance(scale, torch.Tensor):
+            _validate.tensor(name, scale, None, (torch.float32,))
+            if scale.numel() != 1:
+                raise ValueError(f"{name} must hold exactly one value, got shape {tuple(scale.shape)}")
+            if scale.device != device:
+                raise ValueError(f"{name} is on {scale.device} but the cache is on {device}")
+            if _runtime.values_checkable(scale):
+                _positive_finite(name, float(scale.reshape(()).cpu()))
+            args.append(scale)
+        elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            _positive_finite(name, float(scale))
+            args.append(float(scale))
+        else:
+            raise TypeError(f"{name} must be a float or a 1-element float32 tensor, got {type(scale).__name__}")
+    return args[0], args[1], isinstance(args[0], torch.Tensor), isinstance(args[1], torch.Tensor)
+
+
+def _positive_finite(name: str, value: float) -> None:
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
+
+
+@triton.jit
+def load_scale(scale, IN_MEMORY: tl.constexpr):
+    """A per-tensor scale passed either as a pointer to one float32 (IN_MEMORY) or as a float argument."""
+    if IN_MEMORY:
+        return tl.load(scale)
+    return scale
+
+
+@triton.jit
+def slot_offsets(slots, PAGE_SIZE: tl.constexpr, stride_page, stride_token):
+    """Element offsets (int64) of the token rows at flat ``slots`` (non-negative) in a cache."""
+    slots = slots.to(tl.int64)
+    return (slots // PAGE_SIZE) * stride_page + (slots % PAGE_SIZE) * stride_token
+
+
+@triton.jit
+def token_offsets(block_table_row, stride_col, tokens, mask, PAGE_SIZE: tl.constexpr, stride_page, stride_token):
+    """Element offsets (int64) of the rows of a sequence's logical ``tokens`` in a cache: token t sits in page
+    ``block_table_row[t // PAGE_SIZE]`` at offset ``t % PAGE_SIZE``. Masked-off tokens get page 0's offsets."""
+    pages = tl.load(block_table_row + (tokens // PAGE_SIZE) * stride_col, mask=mask, other=0)
+    return pages.to(tl.int64) * stride_page + (tokens % PAGE_SIZE).to(tl.int64) * stride_token

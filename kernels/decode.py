@@ -1,0 +1,395 @@
+"""Paged decode attention: one new query token per sequence against its paged KV cache, at the bandwidth limit.
+
+A decode step reads every cached key and value of every sequence once and does ~1 FLOP per byte with it (per query
+head of a GQA group), so the kernel is judged by how close it streams the cache to the HBM limit. The design:
+
+- one program per (sequence, KV head, split). The query heads that share the KV head (the GQA group) are one
+  (BLOCK_H, head_dim) tile, BLOCK_H = max(16, next_pow2(group)) rows (padding rows are masked), so each K/V tile
+  is read from memory once per KV head and the scores come from one tensor-core ``tl.dot(q, k^T)``;
+- the KV tile (BLOCK_N tokens) is decoupled from the page size: the tile gathers each token's page from the block
+  table (token t lives in page ``block_table[b, t // page_size]`` at offset ``t % page_size``, see
+  :mod:`kernels._paged`), so small pages (8, 16) do not shrink the loads. Addresses are int64;
+- split-KV (flash-decoding): when batch × kv_heads cannot fill the GPU, the context is cut into ``num_splits``
+  contiguous ranges of whole tiles, computed in-kernel from ``seq_lens`` (no host sync). Each split writes a
+  partial fp32 output and its log-sum-exp, and a second small kernel merges them (:mod:`kernels.merge`). With one
+  split the merge is skipped and the output is written directly. Splits that get no tile write lse = -inf;
+- online softmax in the log2 domain with the shared helpers of :mod:`kernels._jit`, exactly as prefill (the query
+  sits at position seq_len - 1: a window keeps keys ``j > seq_len - 1 - window``, and whole tiles before the window
+  are never read);
+- fp8 (e4m3) caches are loaded as fp8 (half the bytes) and converted to the query's dtype in registers. The
+  per-tensor scales cost no per-element multiply: ``k_scale`` is folded into the logit scale and ``v_scale``
+  multiplies the output once (attention is linear in V);
+- tile size, warps and pipeline depth are autotuned per (head_dim, group, page size, dtypes, occupancy).
+
+Layout: q (batch, num_q_heads, head_dim); caches (num_pages, page_size, num_kv_heads, head_dim); block_table
+int32 (batch, max_pages); seq_lens int32 (batch,).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _paged, _runtime, _validate
+from kernels._jit import LOG2E, online_softmax_step, scale_scores, softmax_finish
+from kernels._paged import load_scale, token_offsets
+from kernels.merge import merge_splits_kernel
+
+HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+MAX_SPLITS = 256
+MIN_TOKENS_PER_SPLIT = 256
+"""The automatic split never cuts a context into pieces shorter than this (each split pays a q load and a
+partial write; below ~256 tokens that overhead stops being small next to the K/V it reads)."""
+MAX_GRID_YZ = 65535
+
+
+@triton.jit
+def _decode_kernel(
+    Q,
+    KCache,
+    VCache,
+    BlockTable,
+    SeqLens,
+    Out,
+    Lse,
+    PartOut,
+    PartLse,
+    k_scale,
+    v_scale,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_page,
+    stride_token,
+    stride_head,
+    stride_cd,
+    stride_btb,
+    stride_btp,
+    stride_sl,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    num_q_heads,
+    qk_scale,
+    softcap,
+    window,
+    occupancy,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    K_SCALE_IN_MEMORY: tl.constexpr,
+    V_SCALE_IN_MEMORY: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    SPLIT: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    seq_len = tl.load(SeqLens + b * stride_sl)
+
+    # The query (position seq_len - 1) sees keys [first, seq_len). The splits share the whole tiles from the one
+    # holding `first` onwards; tiles before the window are never visited.
+    first = 0
+    if HAS_WINDOW:
+        first = tl.maximum(seq_len - window, 0)
+    lo = (first // BLOCK_N) * BLOCK_N
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len - lo, BLOCK_N), num_splits)
+    start = lo + split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+
+    heads = kv_head * GROUP + tl.arange(0, BLOCK_H)
+    h_ok = tl.arange(0, BLOCK_H) < GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+    if IS_FP8:
+        qk_scale *= load_scale(k_scale, K_SCALE_IN_MEMORY)  # K = k_scale · K_fp8: scale the logits, not K
+
+    block_table_row = BlockTable + b * stride_btb
+    head_offset = kv_head * stride_head
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for start_n in tl.range(start, end, BLOCK_N):
+        tokens = start_n + offs_n
+        valid = tokens < end
+        if HAS_WINDOW:
+            valid &= tokens >= first
+        rows = token_offsets(block_table_row, stride_btp, tokens, valid, PAGE_SIZE, stride_page, stride_token)
+        rows += head_offset
+        k = tl.load(
+            KCache + rows[None, :] + offs_d[:, None] * stride_cd, mask=valid[None, :] & d_ok[:, None], other=0.0
+        )
+        qk = tl.dot(q, k.to(Q.dtype.element_ty), input_precision=PRECISION)
+        s = tl.where(valid[None, :], scale_scores(qk, qk_scale, softcap, HAS_SOFTCAP), float("-inf"))
+        # Every visited tile holds at least one visible key, so no row of it is empty.
+        p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, s, False)
+        v = tl.load(
+            VCache + rows[:, None] + offs_d[None, :] * stride_cd, mask=valid[:, None] & d_ok[None, :], other=0.0
+        )
+        acc = tl.dot(
+            p.to(Q.dtype.element_ty), v.to(Q.dtype.element_ty), acc * alpha[:, None], input_precision=PRECISION
+        )
+
+    out, lse = softmax_finish(acc, m_i, l_i)
+    if IS_FP8:
+        out *= load_scale(v_scale, V_SCALE_IN_MEMORY)
+    mask = h_ok[:, None] & d_ok[None, :]
+    if SPLIT:  # partials: PartOut (B, Hq, S, HEAD_DIM), PartLse (B, Hq, S), float32
+        part = (b * num_q_heads + heads) * num_splits + split
+        tl.store(PartOut + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
+        tl.store(PartLse + part, lse, mask=h_ok)
+    else:
+        o_ptrs = Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
+        if STORE_LSE:
+            tl.store(Lse + b * num_q_heads + heads, lse, mask=h_ok)
+
+
+def _configs() -> list[triton.Config]:
+    if _runtime.INTERPRET:  # one config; the interpreter's cost is per program and per loop iteration
+        return [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+        for bn, warps, stages in [
+            (64, 4, 2),
+            (64, 4, 3),
+            (64, 4, 4),
+            (128, 4, 2),
+            (128, 4, 3),
+            (128, 8, 2),
+            (32, 4, 3),
+            (32, 4, 4),
+            (32, 2, 4),
+        ]
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose pipelined K/V tiles cannot fit in shared memory (large head dims)."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    elem = max(named_args["KCache"].element_size(), named_args["Q"].element_size())
+    kept = [c for c in configs if c.num_stages * 2 * c.kwargs["BLOCK_N"] * block_d * elem <= 160 * 1024]
+    return kept or configs[-1:]
+
+
+_kernel = triton.autotune(
+    configs=_configs(),
+    key=["HEAD_DIM", "BLOCK_H", "PAGE_SIZE", "IS_FP8", "occupancy"],
+    prune_configs_by={"early_config_prune": _prune} if not _runtime.INTERPRET else None,
+)(_decode_kernel)
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, context: int, num_sms: int) -> int:
+    """The automatic split count: aim for about two programs per SM (a bandwidth-bound kernel needs several
+    CTAs' loads in flight on every SM), but never split a context into pieces shorter than MIN_TOKENS_PER_SPLIT.
+    ``context`` is the longest number of keys any query sees (the window caps it)."""
+    programs = batch * num_kv_heads
+    wanted = max(1, (2 * num_sms) // max(programs, 1))
+    return max(1, min(wanted, context // MIN_TOKENS_PER_SPLIT, MAX_SPLITS))
+
+
+def _check_lengths(layout: _paged.CacheLayout, block_table: torch.Tensor, seq_lens: torch.Tensor, pages: bool) -> int:
+    """Copy seq_lens to the host (a sync on CUDA), check them against the block table and the cache, and with
+    ``pages`` also check that every page id a sequence uses is a page of the cache. Returns the longest length."""
+    lens = seq_lens.cpu().long()
+    if lens.numel() == 0:
+        return 0
+    shortest, longest = int(lens.min()), int(lens.max())
+    if shortest < 1:
+        i = int(torch.argmin(lens))
+        raise ValueError(f"seq_lens must be >= 1 (the query's own K/V is in the cache), got seq_lens[{i}] = {shortest}")
+    width, page_size = block_table.shape[1], layout.page_size
+    if longest > width * page_size:
+        raise ValueError(
+            f"block_table is too narrow: {width} columns hold {width * page_size} tokens at page_size {page_size}, "
+            f"but the longest seq_len is {longest}"
+        )
+    if longest > layout.num_slots:
+        raise ValueError(
+            f"seq_lens has a sequence of {longest} tokens, longer than the cache's {layout.num_pages} pages of "
+            f"{page_size} hold"
+        )
+    if pages:
+        table = block_table.cpu()
+        used = torch.arange(width)[None, :] < ((lens + page_size - 1) // page_size)[:, None]
+        bad = used & ((table < 0) | (table >= layout.num_pages))
+        if bool(bad.any()):
+            row, col = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"block_table[{row}, {col}] = {int(table[row, col])} is not a page of the cache "
+                f"(0..{layout.num_pages - 1})"
+            )
+    return longest
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    sm_scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
+    num_splits: int | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one new query token per sequence over its paged KV cache (the decode step).
+
+    Args:
+        q: (batch, num_q_heads, head_dim), float16 / bfloat16 / float32, any strides: the newest token of each
+            sequence, whose own K/V are already in the cache at position seq_lens[b] - 1. head_dim in
+            (32, 64, 96, 128, 192, 256).
+        k_cache, v_cache: (num_pages, page_size, num_kv_heads, head_dim) ("NHD" pages; page_size a power of two
+            from 8 to 256), same shape, dtype, strides and device, as filled by :func:`kernels.write_kv_cache`.
+            dtype is q's dtype, or float8_e4m3fn with ``k_scale``/``v_scale``. num_q_heads must be a multiple of
+            num_kv_heads (GQA; MQA when num_kv_heads == 1).
+        block_table: int32 (batch, max_pages_per_seq): row b lists sequence b's pages in order (any page ids, in
+            any order); entries past the sequence's last page are never read.
+        seq_lens: int32 (batch,), each >= 1: the number of cached tokens of each sequence (the query included).
+        sm_scale: softmax scale, default 1/sqrt(head_dim).
+        softcap: logits become softcap * tanh(logits / softcap) after scaling.
+        window: sliding window: the query at position p = seq_len - 1 sees keys p - window < j <= p.
+        k_scale, v_scale: for float8_e4m3fn caches only (required there): per-tensor float32 dequant scales
+            (real value = scale · stored value), each a Python number or a 1-element float32 tensor on the cache's
+            device (read in-kernel: no sync).
+        num_splits: split-KV factor in 1..256. None picks it from batch × num_kv_heads against the SM count and
+            the longest context, which copies seq_lens to the host (a sync). Given, the launch makes no
+            device-to-host sync and can be captured in a CUDA graph (after a first, autotuning call outside the
+            capture); more splits than the context has tiles is allowed (empty splits are merged away).
+        return_lse: also return the natural-log log-sum-exp of the scaled logits, float32 (batch, num_q_heads).
+
+    Returns:
+        out (batch, num_q_heads, head_dim) in q's dtype, contiguous; with ``return_lse`` also the LSE.
+
+    Checks: shapes, dtypes and options always. The values of seq_lens (>= 1, within the block table's width and
+    the cache) are checked on CPU tensors, with ``kernels.set_debug(True)``, or when num_splits is None (which
+    syncs anyway). Page ids in the block table are checked only on CPU tensors or with ``kernels.set_debug(True)``:
+    on CUDA without debug an out-of-range page id reads outside the cache.
+
+    Raises:
+        TypeError / ValueError before any launch, naming the argument, for malformed input.
+    """
+    layout = _paged.cache_layout(k_cache, v_cache)
+    _validate.tensor("q", q, 3, _validate.FLOAT_DTYPES)
+    _validate.tensor("block_table", block_table, 2, (torch.int32,))
+    _validate.tensor("seq_lens", seq_lens, 1, (torch.int32,))
+    _validate.same_device(q=q, k_cache=k_cache, block_table=block_table, seq_lens=seq_lens)
+    batch, num_q_heads, head_dim = q.shape
+    if head_dim != layout.head_dim:
+        raise ValueError(
+            f"q has head_dim {head_dim} but the cache has {layout.head_dim} (shape {tuple(k_cache.shape)})"
+        )
+    _validate.head_dim("q", head_dim, HEAD_DIMS)
+    _validate.gqa(num_q_heads, layout.num_kv_heads)
+    if not layout.is_fp8 and q.dtype != layout.dtype:
+        raise TypeError(f"q has dtype {q.dtype} but the cache has {layout.dtype}; they must match (or use fp8 KV)")
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have one row per sequence ({batch}), got shape {tuple(block_table.shape)}")
+    if seq_lens.shape[0] != batch:
+        raise ValueError(f"seq_lens must have one length per sequence ({batch}), got shape {tuple(seq_lens.shape)}")
+    if batch > 0 and block_table.shape[1] == 0:
+        raise ValueError("block_table has no columns, but every sequence holds at least one page")
+    if layout.num_kv_heads > MAX_GRID_YZ:
+        raise ValueError(f"k_cache has {layout.num_kv_heads} KV heads; at most {MAX_GRID_YZ} are supported")
+    _validate.positive_float("sm_scale", sm_scale)
+    _validate.positive_float("softcap", softcap)
+    _validate.window(window)
+    if num_splits is not None and (
+        not isinstance(num_splits, int) or isinstance(num_splits, bool) or not 1 <= num_splits <= MAX_SPLITS
+    ):
+        raise ValueError(f"num_splits must be an int in 1..{MAX_SPLITS} or None, got {num_splits!r}")
+    ks, vs, ks_in_memory, vs_in_memory = _paged.scale_args(layout, k_scale, v_scale, k_cache.device)
+
+    if num_splits is None or _runtime.values_checkable(seq_lens):
+        longest = _check_lengths(layout, block_table, seq_lens, pages=_runtime.values_checkable(block_table))
+        if num_splits is None:
+            context = longest if window is None else min(longest, window)
+            num_splits = choose_num_splits(batch, layout.num_kv_heads, context, _runtime.sm_count(q.device))
+
+    out = _runtime.empty((batch, num_q_heads, head_dim), q.dtype, q.device)
+    lse = _runtime.empty((batch, num_q_heads) if return_lse else (1,), torch.float32, q.device)
+    if batch == 0:
+        return (out, lse) if return_lse else out
+    split = num_splits > 1
+    if split:
+        part_out = _runtime.empty((batch, num_q_heads, num_splits, head_dim), torch.float32, q.device)
+        part_lse = _runtime.empty((batch, num_q_heads, num_splits), torch.float32, q.device)
+    else:  # never touched: the kernel writes out/lse directly
+        part_out, part_lse = out, lse
+    programs = batch * layout.num_kv_heads * num_splits
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    block_d = triton.next_power_of_2(head_dim)
+    group = num_q_heads // layout.num_kv_heads
+    _kernel[(batch, layout.num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        out,
+        lse,
+        part_out,
+        part_lse,
+        ks,
+        vs,
+        *q.stride(),
+        *layout.strides,
+        *block_table.stride(),
+        seq_lens.stride(0),
+        *out.stride(),
+        num_q_heads,
+        scale * LOG2E,
+        float(softcap or 0.0),
+        int(window or 0),
+        min(8, triton.next_power_of_2(triton.cdiv(programs, _runtime.sm_count(q.device)))),
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        PAGE_SIZE=layout.page_size,
+        IS_FP8=layout.is_fp8,
+        K_SCALE_IN_MEMORY=ks_in_memory,
+        V_SCALE_IN_MEMORY=vs_in_memory,
+        HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None,
+        SPLIT=split,
+        STORE_LSE=return_lse,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    if split:
+        block_s = triton.next_power_of_2(num_splits)
+        if not _runtime.INTERPRET:  # bound the (BLOCK_S, head_dim) fp32 tile held in registers
+            block_s = min(block_s, max(16, 4096 // block_d))
+        merge_splits_kernel[(batch, num_q_heads)](
+            part_out,
+            part_lse,
+            out,
+            lse,
+            num_splits,
+            num_q_heads,
+            *out.stride(),
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_S=block_s,
+            STORE_LSE=return_lse,
+            num_warps=4,
+        )
+    return (out, lse) if return_lse else out
