@@ -23,8 +23,9 @@ from kernels import _runtime, _validate
 
 PAGE_SIZES = (8, 16, 32, 64, 128, 256)
 CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
-FP8_MAX: tl.constexpr = 448.0
+FP8_MAX = 448.0
 """Largest finite float8_e4m3fn magnitude: stored values saturate here."""
+_FP8_MAX = tl.constexpr(FP8_MAX)  # jit code may read only tl.constexpr instances (see kernels._jit)
 
 Scale = float | torch.Tensor | None
 
@@ -108,8 +109,18 @@ def _positive_finite(name: str, value: float) -> None:
 def load_scale(scale, IN_MEMORY: tl.constexpr):
     """A per-tensor scale passed either as a pointer to one float32 (IN_MEMORY) or as a float argument."""
     if IN_MEMORY:
-        return tl.load(scale)
-    return scale
+        value = tl.load(scale)
+    else:
+        value = scale
+    return value
+
+
+@triton.jit
+def fp8_saturate(x, scale):
+    """The fp8 storage rule before the final cast: x / scale in fp32, saturated to ±448 (the cast to
+    float8_e4m3fn then rounds to nearest even)."""
+    y = x.to(tl.float32) / scale
+    return tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
 
 
 @triton.jit

@@ -13,16 +13,14 @@ import triton
 import triton.language as tl
 
 from kernels import _paged, _runtime, _validate
-from kernels._paged import FP8_MAX, load_scale, slot_offsets
+from kernels._paged import fp8_saturate, load_scale, slot_offsets
 
 
 @triton.jit
 def _store_rows(Src, Cache, rows_src, rows_cache, offs_d, mask, stride_sd, stride_cd, scale, IS_FP8: tl.constexpr):
     x = tl.load(Src + rows_src[:, None] + offs_d[None, :] * stride_sd, mask=mask)
     if IS_FP8:
-        y = x.to(tl.float32) / scale
-        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
-        x = y.to(Cache.dtype.element_ty)
+        x = fp8_saturate(x, scale).to(Cache.dtype.element_ty)
     tl.store(Cache + rows_cache[:, None] + offs_d[None, :] * stride_cd, x, mask=mask)
 
 
