@@ -76,7 +76,7 @@ def _decode_kernel(
     qk_scale,
     softcap,
     window,
-    occupancy,
+    occupancy,  # programs per SM, a power of two <= 8: read by the autotuner's key only
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,

@@ -27,7 +27,9 @@ FP8_END_TO_END_TOL = 6e-2
 def run_case(gen, lens, hq, hkv, d, page_size, dtype, **kw):
     kv = random_paged_kv(gen, lens, hkv, d, page_size, dtype)
     q = randn(len(lens), hq, d, dtype=dtype, generator=gen)
+    inputs = [t.clone() for t in (q, *kv.args)]
     out, lse = paged_decode_attention(q, *kv.args, return_lse=True, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (q, *kv.args), strict=True))  # inputs are read-only
     kw.pop("num_splits", None)
     ref, ref_lse = paged_decode_attention_ref(q, *kv.args, **kw)
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
