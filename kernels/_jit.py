@@ -7,14 +7,8 @@ Scores are kept in the log2 domain: the kernels multiply ``q·k`` by ``sm_scale 
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-"""log2(e) as a host float (launchers fold it into the logit scale)."""
-LN2 = 0.6931471805599453
-
-# Device-side copies: jit code may read only globals that are tl.constexpr *instances*. Triton >= 3.7 rejects
-# floats that are merely annotated `x: tl.constexpr = ...` ("Cannot access global variable ...") when compiling.
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(LN2)
+LOG2E = tl.constexpr(1.4426950408889634)  # jit globals must be tl.constexpr instances
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -28,8 +22,8 @@ def scale_scores(qk, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """Raw q·k (fp32) -> log2-domain logits. ``qk_scale`` is sm_scale*log2(e); with a softcap the natural logits
     s = qk*sm_scale become softcap*tanh(s/softcap) first (Gemma-2 style)."""
     if HAS_SOFTCAP:
-        s = qk * (qk_scale / _LOG2E)
-        return softcap * tanh(s / softcap) * _LOG2E
+        s = qk * (qk_scale / LOG2E)
+        return softcap * tanh(s / softcap) * LOG2E
     return qk * qk_scale
 
 
@@ -59,12 +53,5 @@ def softmax_finish(acc, m_i, l_i):
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     return out, lse
-
-
-@triton.jit
-def lse_to_log2(lse):
-    """A natural-log LSE in the log2 domain of the scores, so that partial attentions can be merged with
-    ``online_softmax_step`` (their LSEs are the logits of the merge)."""
-    return lse * _LOG2E

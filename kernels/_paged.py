@@ -66,6 +66,11 @@ def cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> CacheLayout:
             f"k_cache has page_size {page_size} (dim 1 of (num_pages, page_size, num_kv_heads, head_dim)); "
             f"supported page sizes are {PAGE_SIZES}"
         )
+    fp8_on_gpu = k_cache.dtype == torch.float8_e4m3fn and k_cache.device.type == "cuda"
+    if fp8_on_gpu and torch.cuda.get_device_capability(k_cache.device) < (8, 9):
+        raise ValueError(
+            f"float8_e4m3fn caches need compute capability 8.9 or newer (Ada, Hopper); {k_cache.device} is older"
+        )
     if num_kv_heads < 1 or head_dim < 1:
         raise ValueError(f"k_cache must have num_kv_heads >= 1 and head_dim >= 1, got shape {tuple(k_cache.shape)}")
     return CacheLayout(num_pages, page_size, num_kv_heads, head_dim, k_cache.dtype, tuple(k_cache.stride()))

@@ -37,6 +37,10 @@ DEVICE_TYPE: str = "cpu" if INTERPRET else "cuda"
 
 _debug = os.environ.get("PHASEATTN_DEBUG", "").strip().lower() in _TRUE
 
+AUTOTUNE: bool = not INTERPRET and os.environ.get("PHASEATTN_AUTOTUNE", "1").strip().lower() in _TRUE
+"""Whether launchers autotune tile shapes on the GPU (the default). ``PHASEATTN_AUTOTUNE=0`` uses each kernel's
+heuristic config instead: no benchmarking on first call (useful for tests and CUDA-graph warm-up)."""
+
 
 def set_debug(enabled: bool) -> None:
     """Turn on checks that need a device-to-host sync (index ranges, cu_seqlens values) on CUDA tensors too."""

@@ -90,8 +90,8 @@ def write_kv_cache(
             and head_dim must match the cache's. For a float16/bfloat16/float32 cache they must have the cache's
             dtype (stored unchanged); for a float8_e4m3fn cache any of the three.
         k_cache, v_cache: (num_pages, page_size, num_kv_heads, head_dim) ("NHD" pages), same shape, dtype,
-            strides and device; dtype float16, bfloat16, float32 or float8_e4m3fn; page_size a power of two
-            from 8 to 256. Written in place.
+            strides and device; dtype float16, bfloat16, float32 or float8_e4m3fn (GPUs: compute capability
+            >= 8.9); page_size a power of two from 8 to 256. Written in place.
         slot_mapping: int32 or int64 (num_tokens,): token i goes to page ``slot // page_size`` at offset
             ``slot % page_size``. A negative slot skips the token (padding). Slots must be < num_pages *
             page_size; two tokens with the same slot leave either one's values.

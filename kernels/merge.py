@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels import _runtime, _validate
-from kernels._jit import lse_to_log2, online_softmax_step, softmax_finish
+from kernels._jit import LOG2E, online_softmax_step, softmax_finish
 
 MAX_HEAD_DIM = 1024
 
@@ -61,7 +61,7 @@ def merge_splits_kernel(
         lse = tl.load(PartLse + idx, mask=ok, other=float("-inf"))
         o = tl.load(PartOut + idx[:, None] * HEAD_DIM + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
         # The splits are the "keys" of a one-row online softmax: logits (1, BLOCK_S), values (BLOCK_S, D).
-        p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, lse_to_log2(lse)[None, :], True)
+        p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, (lse * LOG2E)[None, :], True)
         w = tl.reshape(p, [BLOCK_S])
         acc = acc * alpha[:, None] + tl.sum(tl.where(w[:, None] > 0, w[:, None] * o, 0.0), 0)[None, :]
     out, lse = softmax_finish(acc, m_i, l_i)
@@ -77,7 +77,7 @@ def _fold_state(acc, m_i, l_i, O, L, t, h, ok, offs_d, d_ok, stride_ot, stride_o
     lse = tl.load(L + t * stride_lt + h * stride_lh, mask=ok, other=float("-inf"))
     o_ptrs = O + (t * stride_ot + h * stride_oh)[:, None] + offs_d[None, :] * stride_od
     o = tl.load(o_ptrs, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, lse_to_log2(lse)[:, None], True)  # p: (BLOCK_R, 1)
+    p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, (lse * LOG2E)[:, None], True)  # p: (BLOCK_R, 1)
     acc = acc * alpha[:, None] + tl.where(p > 0, p * o, 0.0)
     return acc, m_i, l_i
 

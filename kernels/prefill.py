@@ -24,54 +24,39 @@ aligned bottom-right (query i of a sequence sees key j iff j <= i + Lk - Lq), as
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels import _runtime, _validate
-from kernels._jit import LOG2E, online_softmax_step, scale_scores, softmax_finish
+from kernels._jit import online_softmax_step, scale_scores, softmax_finish
 
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 MAX_GRID_YZ = 65535
 
 
+# fmt: off
 @triton.jit
-def _attend_segment(
-    acc,
-    m_i,
-    l_i,
-    q,
-    k_base,
-    v_base,
-    stride_kt,
-    stride_kd,
-    stride_vt,
-    stride_vd,
-    start,
-    end,
-    seqlen_k,
-    rows,
-    diag,
-    window,
-    qk_scale,
-    softcap,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr,
+def _attend_tiles(
+    acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+    first, n_first, second, n_tiles, seqlen_k, rows, diag, window, qk_scale, softcap,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Fold keys [start, end) into the running softmax of the query tile. ``rows`` are the tile's query indices,
-    ``diag`` = Lk - Lq. With MASKED the sequence end, the causal diagonal and the window's edge are applied."""
+    """Fold ``n_tiles`` key tiles into the running softmax of the query tile: the first ``n_first`` start at
+    ``first``, the rest at ``second`` (two key ranges, one loop: fewer inlined loop copies, fewer registers).
+    ``rows`` are the tile's query indices and ``diag`` = Lk - Lq. With MASKED the sequence end, the causal diagonal
+    and the window's lower edge are applied per element; without it no mask is computed at all."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    for start_n in tl.range(start, end, BLOCK_N):
+    for i in tl.range(0, n_tiles):
+        start_n = tl.where(i < n_first, first + i * BLOCK_N, second + (i - n_first) * BLOCK_N)
         cols = start_n + offs_n
         k_ptrs = k_base + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None] * stride_kd
         v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :] * stride_vd
@@ -102,39 +87,13 @@ def _attend_segment(
 
 @triton.jit
 def _prefill_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    Lse,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    stride_qt,
-    stride_qh,
-    stride_qd,
-    stride_kt,
-    stride_kh,
-    stride_kd,
-    stride_vt,
-    stride_vh,
-    stride_vd,
-    stride_ot,
-    stride_oh,
-    stride_od,
-    num_q_heads,
-    qk_scale,
-    softcap,
-    window,
-    seqlen_bucket,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    STORE_LSE: tl.constexpr,
+    Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od,
+    num_q_heads, qk_scale, softcap, window, seqlen_bucket,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, STORE_LSE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     head = tl.program_id(0)
@@ -160,7 +119,8 @@ def _prefill_kernel(
     k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
 
-    # Key range [lo, hi) this tile needs, and the unmasked body [body_lo, body_hi) inside it (see module doc).
+    # The keys this tile needs are [lo, hi). Inside, [body_lo, body_hi) is visible to every row of the tile and
+    # needs no mask; the head [lo, body_lo) (window edge) and tail [body_hi, hi) (diagonal, sequence end) do.
     last_row = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
     hi = seqlen_k
     body_hi = (seqlen_k // BLOCK_N) * BLOCK_N
@@ -174,140 +134,90 @@ def _prefill_kernel(
         body_lo = tl.cdiv(tl.maximum(last_row + diag - window + 1, 0), BLOCK_N) * BLOCK_N
     split_a = tl.minimum(tl.maximum(body_lo, lo), hi)
     split_b = tl.minimum(tl.maximum(body_hi, split_a), hi)
+    n_head = tl.cdiv(split_a - lo, BLOCK_N)
+    n_body = (split_b - split_a) // BLOCK_N
+    n_tail = tl.cdiv(tl.maximum(hi - split_b, 0), BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if HAS_WINDOW:
-        acc, m_i, l_i = _attend_segment(
-            acc,
-            m_i,
-            l_i,
-            q,
-            k_base,
-            v_base,
-            stride_kt,
-            stride_kd,
-            stride_vt,
-            stride_vd,
-            lo,
-            split_a,
-            seqlen_k,
-            rows,
-            diag,
-            window,
-            qk_scale,
-            softcap,
-            HEAD_DIM,
-            BLOCK_D,
-            BLOCK_N,
-            True,
-            CAUSAL,
-            HAS_WINDOW,
-            HAS_SOFTCAP,
-            PRECISION,
-        )
-    acc, m_i, l_i = _attend_segment(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_base,
-        v_base,
-        stride_kt,
-        stride_kd,
-        stride_vt,
-        stride_vd,
-        split_a,
-        split_b,
-        seqlen_k,
-        rows,
-        diag,
-        window,
-        qk_scale,
-        softcap,
-        HEAD_DIM,
-        BLOCK_D,
-        BLOCK_N,
-        False,
-        CAUSAL,
-        HAS_WINDOW,
-        HAS_SOFTCAP,
-        PRECISION,
-    )
-    acc, m_i, l_i = _attend_segment(
-        acc,
-        m_i,
-        l_i,
-        q,
-        k_base,
-        v_base,
-        stride_kt,
-        stride_kd,
-        stride_vt,
-        stride_vd,
-        split_b,
-        hi,
-        seqlen_k,
-        rows,
-        diag,
-        window,
-        qk_scale,
-        softcap,
-        HEAD_DIM,
-        BLOCK_D,
-        BLOCK_N,
-        True,
-        CAUSAL,
-        HAS_WINDOW,
-        HAS_SOFTCAP,
-        PRECISION,
-    )
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+        split_a, n_body, split_a, n_body, seqlen_k, rows, diag, window, qk_scale, softcap,
+        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+        lo, n_head, split_b, n_head + n_tail, seqlen_k, rows, diag, window, qk_scale, softcap,
+        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
 
     out, lse = softmax_finish(acc, m_i, l_i)
     o_ptrs = Out + (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if STORE_LSE:
         tl.store(Lse + (q_start + rows).to(tl.int64) * num_q_heads + head, lse, mask=row_ok)
+# fmt: on
 
 
-def _configs() -> list[triton.Config]:
-    if _runtime.INTERPRET:  # the interpreter runs one config; big tiles mean few programs, which is what is slow
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    configs = []
-    for bm, bn, warps, stages in [
-        (128, 128, 8, 3),
-        (128, 64, 8, 3),
-        (128, 64, 4, 3),
-        (128, 128, 8, 2),
-        (128, 64, 8, 4),
-        (64, 64, 4, 3),
-        (64, 128, 4, 3),
-        (128, 32, 4, 3),
-        (64, 32, 4, 2),
-    ]:
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
-    return configs
+def default_config(head_dim: int, dtype: torch.dtype) -> dict:
+    """The heuristic tile config (used in the interpreter, and on the GPU when autotuning is off)."""
+    if _runtime.INTERPRET:  # big tiles = few programs, which is what makes the interpreter fast
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+    if dtype == torch.float32:  # IEEE fp32 dots are FMA loops: small tiles, many warps, or they spill
+        return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2}
+    if head_dim <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    if head_dim <= 128:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+
+
+TUNING_SPACE = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    (128, 128, 8, 3),
+    (128, 64, 8, 3),
+    (128, 64, 4, 3),
+    (128, 128, 8, 2),
+    (128, 64, 8, 4),
+    (64, 64, 4, 3),
+    (64, 128, 4, 3),
+    (128, 32, 4, 3),
+    (64, 32, 4, 2),
+    (64, 64, 8, 2),
+]
+
+
+def _fits(config: triton.Config, block_d: int, elem: int) -> bool:
+    """Whether a tile config's shared memory (q tile + pipelined K/V tiles) fits comfortably on the SM."""
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    smem = (bm * block_d + config.num_stages * 2 * bn * block_d) * elem
+    return smem <= 200 * 1024 and not (block_d >= 256 and bm * bn > 128 * 64)
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles whose shared-memory footprint cannot fit (large head dims), keep everything else."""
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     elem = named_args["Q"].element_size()
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        smem = (bm * block_d + c.num_stages * 2 * bn * block_d) * elem
-        if smem <= 200 * 1024 and not (block_d >= 256 and bm * bn > 128 * 64):
-            kept.append(c)
-    return kept or configs[-1:]
+    return [c for c in configs if _fits(c, block_d, elem)] or configs[-1:]
 
 
-_kernel = triton.autotune(
-    configs=_configs(),
-    key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "seqlen_bucket", "GROUP"],
-    prune_configs_by={"early_config_prune": _prune} if not _runtime.INTERPRET else None,
+_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in TUNING_SPACE],
+    key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "seqlen_bucket", "GROUP", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune},
 )(_prefill_kernel)
+
+
+_forced_config: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prefill_config", default=None)
+
+
+@contextlib.contextmanager
+def use_config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> Iterator[None]:
+    """Run prefill_attention with one explicit tile config (tuning scripts, and tests of every config)."""
+    token = _forced_config.set(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+    )
+    try:
+        yield
+    finally:
+        _forced_config.reset(token)
 
 
 def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int) -> int:
@@ -419,7 +329,12 @@ def prefill_attention(
                 raise ValueError(f"max_seqlen_q={max_seqlen_q} needs more than {MAX_GRID_YZ} query tiles")
             return (num_q_heads, batch, m_blocks)
 
-        _kernel[grid](
+        forced = _forced_config.get()
+        if forced is None and _runtime.AUTOTUNE:
+            kernel, config = _autotuned, {}
+        else:
+            kernel, config = _prefill_kernel, forced or default_config(head_dim, q.dtype)
+        kernel[grid](
             q,
             k,
             v,
@@ -432,7 +347,7 @@ def prefill_attention(
             *v.stride(),
             *out.stride(),
             num_q_heads,
-            scale * LOG2E,
+            scale * math.log2(math.e),
             float(softcap or 0.0),
             int(window or 0),
             min(triton.next_power_of_2(max(max_seqlen_q, 1)), 16384),
@@ -444,6 +359,7 @@ def prefill_attention(
             HAS_SOFTCAP=softcap is not None,
             STORE_LSE=return_lse,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            **config,
         )
     elif return_lse:
         lse.fill_(float("-inf"))

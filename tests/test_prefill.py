@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
+import triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import kernels.prefill as prefill
 from kernels import prefill_attention
 from kernels.reference import prefill_attention_ref
-from tests.util import DEVICE, TOL, cu_seqlens, randn, rel_err
+from tests.util import DEVICE, ON_CUDA, TOL, cu_seqlens, randn, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -168,13 +170,12 @@ def test_random_shapes_property(gen, lens, group, head_dim, causal, window):
 
 @pytest.fixture
 def no_launch(monkeypatch):
-    import kernels.prefill as prefill
-
     class Trap:
         def __getitem__(self, grid):
             raise AssertionError("kernel launched on invalid input")
 
-    monkeypatch.setattr(prefill, "_kernel", Trap())
+    monkeypatch.setattr(prefill, "_prefill_kernel", Trap())
+    monkeypatch.setattr(prefill, "_autotuned", Trap())
 
 
 def _valid(dtype=torch.float32):
@@ -245,3 +246,15 @@ def test_default_scale_is_inverse_sqrt_head_dim(gen):
     a = prefill_attention(q, q, q, cu, cu)
     b = prefill_attention(q, q, q, cu, cu, sm_scale=1 / math.sqrt(128))
     assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the interpreter runs one config; every tuned config is checked on the GPU")
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("config", prefill.TUNING_SPACE)
+def test_every_tuning_config_is_correct(gen, head_dim, config):
+    block_m, block_n, warps, stages = config
+    if not prefill._fits(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_stages=stages), head_dim, 2):
+        pytest.skip("config does not fit this head_dim (pruned by the autotuner too)")
+    with prefill.use_config(block_m, block_n, warps, stages):
+        run_case(gen, [1, 130, 257, 0], [1, 200, 257, 0], 8, 2, head_dim, torch.bfloat16, causal=True)
+        run_case(gen, [77], [77], 4, 4, head_dim, torch.float16, causal=True, window=40, softcap=10.0)

@@ -1,0 +1,261 @@
+"""Compile phaseattn's kernels for NVIDIA targets on a machine without a GPU, and read the compiler's report.
+
+Triton ships ptxas and cuobjdump, so a kernel can be lowered all the way to a cubin for sm_90 (Hopper) or sm_80
+(Ampere) with no device present. That catches what the interpreter cannot: code that does not compile (e.g. jit
+globals that are not constexpr), register spills, shared memory over the limit, and whether the matrix products
+became Hopper ``wgmma`` instructions. The arguments are specialised the way Triton's JIT specialises a real launch
+(pointers and ints divisible by 16 get a divisibility hint, ints equal to 1 become constants).
+
+Run in a process of its own with ``TRITON_INTERPRET=0`` (kernels must be decorated in compiled mode):
+``TRITON_INTERPRET=0 python bench/compile_check.py`` prints a table of every kernel's default configs (``--tuned``:
+also the autotuning spaces on the benchmark shapes).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+SMEM_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory one block may use (H100, A100)
+_TRITON_DTYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float8_e4m3fn: "fp8e4nv",
+    torch.int32: "i32",
+    torch.int64: "i64",
+}
+
+
+@dataclass
+class Report:
+    kernel: str
+    arch: int
+    config: str
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    wgmma: int
+    mma_sync: int
+    cp_async: int
+
+    @property
+    def ok(self) -> bool:
+        return self.spill_bytes == 0 and self.shared_bytes <= SMEM_LIMIT[self.arch]
+
+    def line(self) -> str:
+        return (
+            f"{self.kernel:28} sm_{self.arch} {self.config:34} regs {self.registers:3d} spills {self.spill_bytes:4d} "
+            f"smem {self.shared_bytes // 1024:4d} KiB wgmma {self.wgmma:3d} mma.sync {self.mma_sync:3d} "
+            f"cp.async {self.cp_async:3d} {'ok' if self.ok else 'SPILLS/SMEM'}"
+        )
+
+
+def compile_kernel(
+    fn, args: dict[str, object], arch: int, num_warps: int, num_stages: int, name: str | None = None
+) -> Report:
+    """Compile ``fn`` (a JITFunction) for sm_``arch``.
+
+    ``args`` maps every parameter name to an example: a torch dtype for a pointer argument, an int or float for a
+    scalar, anything else (str, bool, or an int for a ``tl.constexpr`` parameter) as a compile-time constant.
+    """
+    constexpr_params = {p.name for p in fn.params if p.is_constexpr}
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
+        value = args[param.name]
+        if param.name in constexpr_params or isinstance(value, (str, bool)):
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif isinstance(value, torch.dtype):
+            signature[param.name] = "*" + _TRITON_DTYPES[value]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, int) and value == 1:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = 1
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if abs(value) < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[param.name] = "fp32"
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
+    ptx = compiled.asm["ptx"]
+    usage = _ptxas_report(ptx, arch)
+    consts = {k: v for k, v in constexprs.items() if k.isupper()}
+    return Report(
+        kernel=name or fn.__name__,
+        arch=arch,
+        config=f"{consts.get('BLOCK_M', '')}x{consts.get('BLOCK_N', '')} w{num_warps} s{num_stages}",
+        registers=usage["REG"],
+        spill_bytes=usage["SPILL"],
+        shared_bytes=compiled.metadata.shared,
+        wgmma=ptx.count("wgmma.mma_async"),
+        mma_sync=ptx.count("mma.sync"),
+        cp_async=ptx.count("cp.async."),
+    )
+
+
+def _ptxas_report(ptx: str, arch: int) -> dict[str, int]:
+    """Registers and spill bytes as ptxas reports them (``ptxas -v``) for the PTX Triton generated."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(arch).path  # the same ptxas Triton itself used for this arch
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        arch_flag = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        done = subprocess.run(
+            [str(tool), f"-arch={arch_flag}", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+            capture_output=True,
+            text=True,
+        )
+    text = done.stdout + done.stderr
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    registers = re.search(r"Used (\d+) registers", text)
+    if done.returncode != 0 or registers is None:
+        raise RuntimeError(f"ptxas failed: {text[-2000:]}")
+    return {"REG": int(registers.group(1)) if registers else -1, "SPILL": spills}
+
+
+def prefill_args(head_dim: int, dtype: torch.dtype, block_m: int, block_n: int, **flags) -> dict[str, object]:
+    """Example arguments of ``kernels.prefill._prefill_kernel`` for a contiguous (tokens, heads, dim) layout."""
+    hq, hkv = 32, 8
+    return {
+        "Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "Lse": torch.float32,
+        "cu_seqlens_q": torch.int32, "cu_seqlens_k": torch.int32,
+        "stride_qt": hq * head_dim, "stride_qh": head_dim, "stride_qd": 1,
+        "stride_kt": hkv * head_dim, "stride_kh": head_dim, "stride_kd": 1,
+        "stride_vt": hkv * head_dim, "stride_vh": head_dim, "stride_vd": 1,
+        "stride_ot": hq * head_dim, "stride_oh": head_dim, "stride_od": 1,
+        "num_q_heads": hq, "qk_scale": 0.1, "softcap": 0.0, "window": 7, "seqlen_bucket": 4096,
+        "GROUP": hq // hkv, "HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
+        "BLOCK_M": block_m, "BLOCK_N": block_n,
+        "CAUSAL": flags.get("causal", True), "HAS_WINDOW": flags.get("window", False),
+        "HAS_SOFTCAP": flags.get("softcap", False), "STORE_LSE": True,
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }  # fmt: skip
+
+
+def prefill_reports(arch: int, tuned: bool) -> list[Report]:
+    import kernels.prefill as prefill
+
+    reports = []
+    for head_dim in prefill.HEAD_DIMS:
+        for dtype in (torch.bfloat16, torch.float32):
+            cfg = prefill.default_config(head_dim, dtype)
+            configs = [(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])]
+            if tuned and dtype == torch.bfloat16 and head_dim in (64, 128, 256):
+                configs += [
+                    c for c in prefill.TUNING_SPACE
+                    if c not in configs and prefill._fits(
+                        triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1]}, num_stages=c[3]),
+                        triton.next_power_of_2(head_dim), 2)
+                ]  # fmt: skip
+            for bm, bn, warps, stages in configs:
+                args = prefill_args(head_dim, dtype, bm, bn)
+                name = f"prefill d{head_dim} {str(dtype)[6:]}"
+                reports.append(compile_kernel(prefill._prefill_kernel, args, arch, warps, stages, name))
+    return reports
+
+
+def decode_args(head_dim: int, group: int, dtype: torch.dtype, block_n: int, fp8: bool = False, split: bool = False):
+    """Example arguments of ``kernels.decode._decode_kernel``: contiguous q (batch, Hq, D), caches with 8 KV heads
+    and page_size 16, an int32 block table of 256 columns; fp8 scales in memory (k) and as a float (v)."""
+    hkv, page, hq = 8, 16, 8 * group
+    cache = torch.float8_e4m3fn if fp8 else dtype
+    return {
+        "Q": dtype, "KCache": cache, "VCache": cache, "BlockTable": torch.int32, "SeqLens": torch.int32,
+        "Out": dtype, "Lse": torch.float32, "PartOut": torch.float32, "PartLse": torch.float32,
+        "k_scale": torch.float32 if fp8 else 1.0, "v_scale": 0.5 if fp8 else 1.0,
+        "stride_qb": hq * head_dim, "stride_qh": head_dim, "stride_qd": 1,
+        "stride_page": page * hkv * head_dim, "stride_token": hkv * head_dim, "stride_head": head_dim,
+        "stride_cd": 1, "stride_btb": 256, "stride_btp": 1, "stride_sl": 1,
+        "stride_ob": hq * head_dim, "stride_oh": head_dim, "stride_od": 1,
+        "num_q_heads": hq, "qk_scale": 0.1, "softcap": 0.0, "window": 7, "occupancy": 1,
+        "GROUP": group, "HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
+        "BLOCK_H": max(16, triton.next_power_of_2(group)), "BLOCK_N": block_n, "PAGE_SIZE": page,
+        "IS_FP8": fp8, "K_SCALE_IN_MEMORY": fp8, "V_SCALE_IN_MEMORY": False,
+        "HAS_WINDOW": False, "HAS_SOFTCAP": False, "SPLIT": split, "STORE_LSE": True,
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }  # fmt: skip
+
+
+def decode_reports(arch: int, tuned: bool) -> list[Report]:
+    """The decode kernel's default configs (every head dim, GQA 4 and MQA-like 32, bf16/fp8/fp32), the tuning
+    space on the benchmark shape with ``tuned``, and the small kernels around it (KV write, the two merges)."""
+    import kernels.decode as decode
+    import kernels.kv_cache as kv_cache
+    import kernels.merge as merge
+
+    reports = []
+    cases = [(d, 4, torch.bfloat16, False) for d in decode.HEAD_DIMS]
+    cases += [(128, 4, torch.bfloat16, True), (256, 32, torch.bfloat16, True), (128, 32, torch.bfloat16, False)]
+    cases += [(d, 4, torch.float32, fp8) for d in (64, 128, 256) for fp8 in (False, True)]
+    for head_dim, group, dtype, fp8 in cases:
+        if fp8 and arch < 89:  # float8_e4m3fn needs Ada/Hopper
+            continue
+        cfg = decode.default_config(head_dim, group, dtype)
+        configs = [(cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])]
+        if tuned and (head_dim, group, dtype) == (128, 4, torch.bfloat16):
+            configs += [c for c in decode.TUNING_SPACE if c not in configs]
+        for block_n, warps, stages in configs:
+            args = decode_args(head_dim, group, dtype, block_n, fp8=fp8, split=True)
+            name = f"decode d{head_dim} g{group} {str(dtype)[6:]}{' fp8' if fp8 else ''}"
+            reports.append(compile_kernel(decode._decode_kernel, args, arch, warps, stages, name))
+    for head_dim in (128, 256):
+        block_d = triton.next_power_of_2(head_dim)
+        merge_args = {
+            "PartOut": torch.float32, "PartLse": torch.float32, "Out": torch.bfloat16, "Lse": torch.float32,
+            "num_splits": 33, "num_q_heads": 32, "stride_ob": 32 * head_dim, "stride_oh": head_dim, "stride_od": 1,
+            "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_S": max(16, 4096 // block_d), "STORE_LSE": True,
+        }  # fmt: skip
+        reports.append(compile_kernel(merge.merge_splits_kernel, merge_args, arch, 4, 1, f"merge splits d{head_dim}"))
+        cache = torch.float8_e4m3fn if arch >= 89 else torch.bfloat16
+        write_args = {
+            "K": torch.bfloat16, "V": torch.bfloat16, "KCache": cache, "VCache": cache,
+            "SlotMapping": torch.int64, "k_scale": torch.float32, "v_scale": 0.5, "num_tokens": 4096,
+            "stride_kt": 8 * head_dim, "stride_kh": head_dim, "stride_kd": 1,
+            "stride_vt": 8 * head_dim, "stride_vh": head_dim, "stride_vd": 1,
+            "stride_page": 16 * 8 * head_dim, "stride_token": 8 * head_dim, "stride_head": head_dim, "stride_cd": 1,
+            "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_T": max(8, 4096 // block_d), "PAGE_SIZE": 16,
+            "IS_FP8": arch >= 89, "K_SCALE_IN_MEMORY": arch >= 89, "V_SCALE_IN_MEMORY": False,
+        }  # fmt: skip
+        name = f"write_kv_cache {str(cache)[6:]} d{head_dim}"
+        reports.append(compile_kernel(kv_cache._write_kernel, write_args, arch, 4, 1, name))
+        states_args = {
+            "OutA": torch.bfloat16, "LseA": torch.float32, "OutB": torch.bfloat16, "LseB": torch.float32,
+            "Out": torch.bfloat16, "Lse": torch.float32, "num_rows": 4096, "num_heads": 32,
+            "stride_at": 32 * head_dim, "stride_ah": head_dim, "stride_ad": 1, "stride_lat": 32, "stride_lah": 1,
+            "stride_bt": 32 * head_dim, "stride_bh": head_dim, "stride_bd": 1, "stride_lbt": 32, "stride_lbh": 1,
+            "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_R": max(1, min(64, 4096 // block_d)),
+        }  # fmt: skip
+        reports.append(compile_kernel(merge._merge_states_kernel, states_args, arch, 4, 1, f"merge states d{head_dim}"))
+    return reports
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "") != "0":
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "0"})
+    tuned = "--tuned" in sys.argv
+    failures = 0
+    for arch in (90, 80):
+        for report in prefill_reports(arch, tuned) + decode_reports(arch, tuned):
+            print(report.line(), flush=True)
+            failures += not report.ok
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
