@@ -7,7 +7,8 @@ became Hopper ``wgmma`` instructions. The arguments are specialised the way Trit
 (pointers and ints divisible by 16 get a divisibility hint, ints equal to 1 become constants).
 
 Run in a process of its own with ``TRITON_INTERPRET=0`` (kernels must be decorated in compiled mode):
-``TRITON_INTERPRET=0 python bench/compile_check.py`` prints a table of every kernel's default and tuned configs.
+``TRITON_INTERPRET=0 python bench/compile_check.py`` prints a table of every kernel's default configs (``--tuned``:
+also the autotuning spaces on the benchmark shapes).
 """
 
 from __future__ import annotations
@@ -169,13 +170,88 @@ def prefill_reports(arch: int, tuned: bool) -> list[Report]:
     return reports
 
 
+def decode_args(head_dim: int, group: int, dtype: torch.dtype, block_n: int, fp8: bool = False, split: bool = False):
+    """Example arguments of ``kernels.decode._decode_kernel``: contiguous q (batch, Hq, D), caches with 8 KV heads
+    and page_size 16, an int32 block table of 256 columns; fp8 scales in memory (k) and as a float (v)."""
+    hkv, page, hq = 8, 16, 8 * group
+    cache = torch.float8_e4m3fn if fp8 else dtype
+    return {
+        "Q": dtype, "KCache": cache, "VCache": cache, "BlockTable": torch.int32, "SeqLens": torch.int32,
+        "Out": dtype, "Lse": torch.float32, "PartOut": torch.float32, "PartLse": torch.float32,
+        "k_scale": torch.float32 if fp8 else 1.0, "v_scale": 0.5 if fp8 else 1.0,
+        "stride_qb": hq * head_dim, "stride_qh": head_dim, "stride_qd": 1,
+        "stride_page": page * hkv * head_dim, "stride_token": hkv * head_dim, "stride_head": head_dim,
+        "stride_cd": 1, "stride_btb": 256, "stride_btp": 1, "stride_sl": 1,
+        "stride_ob": hq * head_dim, "stride_oh": head_dim, "stride_od": 1,
+        "num_q_heads": hq, "qk_scale": 0.1, "softcap": 0.0, "window": 7, "occupancy": 1,
+        "GROUP": group, "HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
+        "BLOCK_H": max(16, triton.next_power_of_2(group)), "BLOCK_N": block_n, "PAGE_SIZE": page,
+        "IS_FP8": fp8, "K_SCALE_IN_MEMORY": fp8, "V_SCALE_IN_MEMORY": False,
+        "HAS_WINDOW": False, "HAS_SOFTCAP": False, "SPLIT": split, "STORE_LSE": True,
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }  # fmt: skip
+
+
+def decode_reports(arch: int, tuned: bool) -> list[Report]:
+    """The decode kernel's default configs (every head dim, GQA 4 and MQA-like 32, bf16/fp8/fp32), the tuning
+    space on the benchmark shape with ``tuned``, and the small kernels around it (KV write, the two merges)."""
+    import kernels.decode as decode
+    import kernels.kv_cache as kv_cache
+    import kernels.merge as merge
+
+    reports = []
+    cases = [(d, 4, torch.bfloat16, False) for d in decode.HEAD_DIMS]
+    cases += [(128, 4, torch.bfloat16, True), (256, 32, torch.bfloat16, True), (128, 32, torch.bfloat16, False)]
+    cases += [(d, 4, torch.float32, fp8) for d in (64, 128, 256) for fp8 in (False, True)]
+    for head_dim, group, dtype, fp8 in cases:
+        if fp8 and arch < 89:  # float8_e4m3fn needs Ada/Hopper
+            continue
+        cfg = decode.default_config(head_dim, group, dtype)
+        configs = [(cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])]
+        if tuned and (head_dim, group, dtype) == (128, 4, torch.bfloat16):
+            configs += [c for c in decode.TUNING_SPACE if c not in configs]
+        for block_n, warps, stages in configs:
+            args = decode_args(head_dim, group, dtype, block_n, fp8=fp8, split=True)
+            name = f"decode d{head_dim} g{group} {str(dtype)[6:]}{' fp8' if fp8 else ''}"
+            reports.append(compile_kernel(decode._decode_kernel, args, arch, warps, stages, name))
+    for head_dim in (128, 256):
+        block_d = triton.next_power_of_2(head_dim)
+        merge_args = {
+            "PartOut": torch.float32, "PartLse": torch.float32, "Out": torch.bfloat16, "Lse": torch.float32,
+            "num_splits": 33, "num_q_heads": 32, "stride_ob": 32 * head_dim, "stride_oh": head_dim, "stride_od": 1,
+            "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_S": max(16, 4096 // block_d), "STORE_LSE": True,
+        }  # fmt: skip
+        reports.append(compile_kernel(merge.merge_splits_kernel, merge_args, arch, 4, 1, f"merge splits d{head_dim}"))
+        cache = torch.float8_e4m3fn if arch >= 89 else torch.bfloat16
+        write_args = {
+            "K": torch.bfloat16, "V": torch.bfloat16, "KCache": cache, "VCache": cache,
+            "SlotMapping": torch.int64, "k_scale": torch.float32, "v_scale": 0.5, "num_tokens": 4096,
+            "stride_kt": 8 * head_dim, "stride_kh": head_dim, "stride_kd": 1,
+            "stride_vt": 8 * head_dim, "stride_vh": head_dim, "stride_vd": 1,
+            "stride_page": 16 * 8 * head_dim, "stride_token": 8 * head_dim, "stride_head": head_dim, "stride_cd": 1,
+            "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_T": max(8, 4096 // block_d), "PAGE_SIZE": 16,
+            "IS_FP8": arch >= 89, "K_SCALE_IN_MEMORY": arch >= 89, "V_SCALE_IN_MEMORY": False,
+        }  # fmt: skip
+        name = f"write_kv_cache {str(cache)[6:]} d{head_dim}"
+        reports.append(compile_kernel(kv_cache._write_kernel, write_args, arch, 4, 1, name))
+        states_args = {
+            "OutA": torch.bfloat16, "LseA": torch.float32, "OutB": torch.bfloat16, "LseB": torch.float32,
+            "Out": torch.bfloat16, "Lse": torch.float32, "num_rows": 4096, "num_heads": 32,
+            "stride_at": 32 * head_dim, "stride_ah": head_dim, "stride_ad": 1, "stride_lat": 32, "stride_lah": 1,
+            "stride_bt": 32 * head_dim, "stride_bh": head_dim, "stride_bd": 1, "stride_lbt": 32, "stride_lbh": 1,
+            "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_R": max(1, min(64, 4096 // block_d)),
+        }  # fmt: skip
+        reports.append(compile_kernel(merge._merge_states_kernel, states_args, arch, 4, 1, f"merge states d{head_dim}"))
+    return reports
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "") != "0":
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "0"})
     tuned = "--tuned" in sys.argv
     failures = 0
     for arch in (90, 80):
-        for report in prefill_reports(arch, tuned):
+        for report in prefill_reports(arch, tuned) + decode_reports(arch, tuned):
             print(report.line(), flush=True)
             failures += not report.ok
     return 1 if failures else 0

@@ -145,6 +145,8 @@ def _report(args, model, tokenizer, outputs: list[RequestOutput], metrics: dict[
             f"model {args.model} ({model.config.architecture}, {model.config.num_layers} layers, {metrics['dtype']})"
             f" on {metrics['device']}"
         )
+        if str(args.model) == "tiny":
+            print("(tiny has random weights: its text is noise; --model PATH runs a Hugging Face checkpoint)")
         for o in outputs:
             print(f"\n[{o.request_id}] prompt {_show(tokenizer, o.prompt_ids)} ({_count(len(o.prompt_ids), 'token')})")
             if o.error is not None:

@@ -16,7 +16,11 @@ inner loop.
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 def causal_pairs(seqlen_q: int, seqlen_k: int, window: int | None = None) -> int:
@@ -101,7 +105,8 @@ def decode_intensity(
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of a Llama-family decoder that its costs depend on."""
+    """The dimensions of a Llama-family decoder that its costs depend on. ``tied_embeddings``: the LM head reuses
+    the embedding table (one matrix fewer in memory; the LM-head GEMM still runs)."""
 
     name: str
     layers: int
@@ -111,13 +116,22 @@ class ModelShape:
     head_dim: int
     ffn: int
     vocab: int
+    tied_embeddings: bool = False
 
     @property
     def params(self) -> int:
-        """Parameter count of the layers plus embedding and (untied) LM head."""
+        """Parameter count of the layers plus embedding and LM head (one matrix when tied)."""
         attn = self.hidden * self.head_dim * (2 * self.q_heads + 2 * self.kv_heads)
         mlp = 3 * self.hidden * self.ffn
-        return self.layers * (attn + mlp + 2 * self.hidden) + 2 * self.vocab * self.hidden
+        tables = (1 if self.tied_embeddings else 2) * self.vocab * self.hidden
+        return self.layers * (attn + mlp + 2 * self.hidden) + tables
+
+    @property
+    def gemm_params(self) -> int:
+        """Parameters a forward pass reads through GEMMs: every projection, the MLP and the LM head. The embedding
+        lookup reads only the rows of the batch's tokens, and the norms are negligible."""
+        attn = self.hidden * self.head_dim * (2 * self.q_heads + 2 * self.kv_heads)
+        return self.layers * (attn + 3 * self.hidden * self.ffn) + self.vocab * self.hidden
 
     def weight_bytes(self, dtype_bytes: float = 2) -> float:
         return self.params * dtype_bytes
@@ -126,25 +140,87 @@ class ModelShape:
         """K and V of one token over all layers."""
         return 2.0 * self.layers * self.kv_heads * self.head_dim * kv_bytes
 
-    def gemm_flops(self, tokens: int) -> float:
-        """FLOPs of every projection, the MLP and the LM head for ``tokens`` tokens (attention excluded)."""
+    def gemm_flops(self, tokens: int, logits: int | None = None) -> float:
+        """FLOPs of every projection and the MLP for ``tokens`` tokens, and of the LM head for ``logits`` of them
+        (default: all; a serving step needs logits only for the last token of each sequence). Attention excluded."""
         per_layer = gemm_flops(tokens, self.head_dim * (self.q_heads + 2 * self.kv_heads), self.hidden)
         per_layer += gemm_flops(tokens, self.hidden, self.q_heads * self.head_dim)
         per_layer += 3 * gemm_flops(tokens, self.ffn, self.hidden)
-        return self.layers * per_layer + gemm_flops(tokens, self.vocab, self.hidden)
+        return self.layers * per_layer + gemm_flops(tokens if logits is None else logits, self.vocab, self.hidden)
 
-    def gemm_bytes(self, tokens: int, dtype_bytes: int = 2) -> float:
-        """Weights read once plus activations in and out of each GEMM."""
-        act = (
-            tokens
-            * dtype_bytes
-            * (
-                self.layers * (2 * self.hidden + self.head_dim * (2 * self.q_heads + 2 * self.kv_heads) + 4 * self.ffn)
-                + self.hidden
-                + self.vocab
-            )
+    def gemm_bytes(self, tokens: int, dtype_bytes: int = 2, logits: int | None = None) -> float:
+        """GEMM weights read once plus activations in and out of each GEMM (the LM head's for ``logits`` rows,
+        default all)."""
+        layers = self.layers * (2 * self.hidden + self.head_dim * (2 * self.q_heads + 2 * self.kv_heads) + 4 * self.ffn)
+        head = (self.hidden + self.vocab) * (tokens if logits is None else logits)
+        return self.gemm_params * dtype_bytes + dtype_bytes * (tokens * layers + head)
+
+    def prefill_attention_flops(self, tokens: int, past: int = 0) -> float:
+        """Causal attention of ``tokens`` new query tokens over themselves and ``past`` cached tokens (a whole
+        prompt when past == 0, a chunk of one otherwise), all layers."""
+        return self.layers * attention_flops(1, self.q_heads, tokens, past + tokens, self.head_dim, causal=True)
+
+    def prefill_attention_bytes(self, tokens: int, past: int = 0, dtype_bytes: int = 2) -> float:
+        """Least bytes of that attention over all layers: q and out of the new tokens, K and V of the whole context."""
+        return self.layers * attention_bytes(
+            1, self.q_heads, self.kv_heads, tokens, past + tokens, self.head_dim, dtype_bytes
         )
-        return self.weight_bytes(dtype_bytes) + act
+
+    def decode_attention_flops(self, context_sum: int) -> float:
+        """One decode step of a batch whose contexts add up to ``context_sum`` tokens, all layers (the count is
+        linear in the context, so the sum is all it needs)."""
+        return self.layers * decode_flops(1, self.q_heads, context_sum, self.head_dim)
+
+    def decode_attention_bytes(self, batch: int, context_sum: int, kv_bytes: float = 2, q_bytes: int = 2) -> float:
+        """Bytes of one decode step of ``batch`` sequences with contexts adding up to ``context_sum``, all layers:
+        the whole context's K and V once plus q and out of each sequence."""
+        if batch == 0:
+            return 0.0
+        one = decode_bytes(1, self.q_heads, self.kv_heads, context_sum, self.head_dim, kv_bytes, q_bytes)
+        rest = decode_bytes(batch - 1, self.q_heads, self.kv_heads, 0, self.head_dim, kv_bytes, q_bytes)
+        return self.layers * (one + rest)
+
+    def allreduce_bytes(self, tokens: int, dtype_bytes: int = 2) -> float:
+        """Activations all-reduced by a tensor-parallel forward over ``tokens`` tokens: two per layer (after the
+        attention output projection and after the MLP), ``tokens × hidden`` elements each."""
+        return 2.0 * self.layers * tokens * self.hidden * dtype_bytes
+
+    @classmethod
+    def from_hf_config(cls, config: str | os.PathLike | Mapping[str, Any], name: str | None = None) -> ModelShape:
+        """The shape of a dense decoder from a Hugging Face ``config.json`` (a path to the file or to its folder,
+        or the parsed dict). Multimodal configs are read through their ``text_config``. Mixture-of-experts models
+        are refused: their cost is not that of a dense decoder. Sliding windows are not part of the shape."""
+        if isinstance(config, Mapping):
+            cfg, origin = dict(config), name or "config"
+        else:
+            path = os.fspath(config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            with open(path) as f:
+                cfg = json.load(f)
+            origin = path
+        cfg = {**cfg, **cfg.get("text_config", {})}
+        if any(k in cfg for k in ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")):
+            raise ValueError(f"config: {origin} describes a mixture-of-experts model, which ModelShape cannot cost")
+        missing = [
+            k
+            for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+            if k not in cfg
+        ]
+        if missing:
+            raise ValueError(f"config: {origin} lacks {', '.join(missing)}")
+        heads = int(cfg["num_attention_heads"])
+        return cls(
+            name=name or cfg.get("_name_or_path") or cfg.get("model_type") or os.path.basename(str(origin)),
+            layers=int(cfg["num_hidden_layers"]),
+            hidden=int(cfg["hidden_size"]),
+            q_heads=heads,
+            kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            ffn=int(cfg["intermediate_size"]),
+            vocab=int(cfg["vocab_size"]),
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
 
     def gemm_intensity(self, tokens: int, dtype_bytes: int = 2) -> float:
         """Intensity of the model's GEMMs for a step of ``tokens`` tokens (the batch, in decode): the weights are

@@ -23,8 +23,9 @@ from kernels import _runtime, _validate
 
 PAGE_SIZES = (8, 16, 32, 64, 128, 256)
 CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
-FP8_MAX: tl.constexpr = 448.0
+FP8_MAX = 448.0
 """Largest finite float8_e4m3fn magnitude: stored values saturate here."""
+_FP8_MAX = tl.constexpr(FP8_MAX)  # jit code may read only tl.constexpr instances (see kernels._jit)
 
 Scale = float | torch.Tensor | None
 
@@ -64,6 +65,11 @@ def cache_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> CacheLayout:
         raise ValueError(
             f"k_cache has page_size {page_size} (dim 1 of (num_pages, page_size, num_kv_heads, head_dim)); "
             f"supported page sizes are {PAGE_SIZES}"
+        )
+    fp8_on_gpu = k_cache.dtype == torch.float8_e4m3fn and k_cache.device.type == "cuda"
+    if fp8_on_gpu and torch.cuda.get_device_capability(k_cache.device) < (8, 9):
+        raise ValueError(
+            f"float8_e4m3fn caches need compute capability 8.9 or newer (Ada, Hopper); {k_cache.device} is older"
         )
     if num_kv_heads < 1 or head_dim < 1:
         raise ValueError(f"k_cache must have num_kv_heads >= 1 and head_dim >= 1, got shape {tuple(k_cache.shape)}")
@@ -108,8 +114,18 @@ def _positive_finite(name: str, value: float) -> None:
 def load_scale(scale, IN_MEMORY: tl.constexpr):
     """A per-tensor scale passed either as a pointer to one float32 (IN_MEMORY) or as a float argument."""
     if IN_MEMORY:
-        return tl.load(scale)
-    return scale
+        value = tl.load(scale)
+    else:
+        value = scale
+    return value
+
+
+@triton.jit
+def fp8_saturate(x, scale):
+    """The fp8 storage rule before the final cast: x / scale in fp32, saturated to ±448 (the cast to
+    float8_e4m3fn then rounds to nearest even)."""
+    y = x.to(tl.float32) / scale
+    return tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
 
 
 @triton.jit

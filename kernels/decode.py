@@ -19,7 +19,8 @@ head of a GQA group), so the kernel is judged by how close it streams the cache 
 - fp8 (e4m3) caches are loaded as fp8 (half the bytes) and converted to the query's dtype in registers. The
   per-tensor scales cost no per-element multiply: ``k_scale`` is folded into the logit scale and ``v_scale``
   multiplies the output once (attention is linear in V);
-- tile size, warps and pipeline depth are autotuned per (head_dim, group, page size, dtypes, occupancy).
+- tile size, warps and pipeline depth are autotuned per (head_dim, group, page size, dtypes, occupancy), or taken
+  from :func:`default_config` when autotuning is off (``PHASEATTN_AUTOTUNE=0``, and in the interpreter).
 
 Layout: q (batch, num_q_heads, head_dim); caches (num_pages, page_size, num_kv_heads, head_dim); block_table
 int32 (batch, max_pages); seq_lens int32 (batch,).
@@ -34,7 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels import _paged, _runtime, _validate
-from kernels._jit import LOG2E, online_softmax_step, scale_scores, softmax_finish
+from kernels._jit import online_softmax_step, scale_scores, softmax_finish
 from kernels._paged import load_scale, token_offsets
 from kernels.merge import merge_splits_kernel
 
@@ -76,7 +77,7 @@ def _decode_kernel(
     qk_scale,
     softcap,
     window,
-    occupancy,
+    occupancy,  # programs per SM, a power of two <= 8: read by the autotuner's key only
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -159,23 +160,29 @@ def _decode_kernel(
             tl.store(Lse + b * num_q_heads + heads, lse, mask=h_ok)
 
 
-def _configs() -> list[triton.Config]:
-    if _runtime.INTERPRET:  # one config; the interpreter's cost is per program and per loop iteration
-        return [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-        for bn, warps, stages in [
-            (64, 4, 2),
-            (64, 4, 3),
-            (64, 4, 4),
-            (128, 4, 2),
-            (128, 4, 3),
-            (128, 8, 2),
-            (32, 4, 3),
-            (32, 4, 4),
-            (32, 2, 4),
-        ]
-    ]
+def default_config(head_dim: int, group: int, dtype: torch.dtype) -> dict:
+    """The heuristic tile config (used in the interpreter, and on the GPU when autotuning is off); ``dtype`` is
+    the query's. Chosen spill-free on sm_90/sm_80 by ``bench/compile_check.py``."""
+    if _runtime.INTERPRET:  # the interpreter's cost is per program and per loop iteration: big tiles
+        return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
+    if dtype == torch.float32:  # IEEE fp32 dots are FMA loops: small tiles, no pipelining, or they spill
+        return {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    if max(16, triton.next_power_of_2(group)) * triton.next_power_of_2(head_dim) > 16 * 128:
+        return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}  # big q tile and accumulator: smaller KV tiles
+    return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+
+
+TUNING_SPACE = [  # (BLOCK_N, num_warps, num_stages)
+    (64, 4, 2),
+    (64, 4, 3),
+    (64, 4, 4),
+    (128, 4, 2),
+    (128, 4, 3),
+    (128, 8, 2),
+    (32, 4, 3),
+    (32, 4, 4),
+    (32, 2, 4),
+]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -186,10 +193,10 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
-_kernel = triton.autotune(
-    configs=_configs(),
-    key=["HEAD_DIM", "BLOCK_H", "PAGE_SIZE", "IS_FP8", "occupancy"],
-    prune_configs_by={"early_config_prune": _prune} if not _runtime.INTERPRET else None,
+_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for n, w, st in TUNING_SPACE],
+    key=["HEAD_DIM", "BLOCK_H", "PAGE_SIZE", "IS_FP8", "occupancy", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune},
 )(_decode_kernel)
 
 
@@ -259,8 +266,8 @@ def paged_decode_attention(
             (32, 64, 96, 128, 192, 256).
         k_cache, v_cache: (num_pages, page_size, num_kv_heads, head_dim) ("NHD" pages; page_size a power of two
             from 8 to 256), same shape, dtype, strides and device, as filled by :func:`kernels.write_kv_cache`.
-            dtype is q's dtype, or float8_e4m3fn with ``k_scale``/``v_scale``. num_q_heads must be a multiple of
-            num_kv_heads (GQA; MQA when num_kv_heads == 1).
+            dtype is q's dtype, or float8_e4m3fn with ``k_scale``/``v_scale`` (GPUs: compute capability >= 8.9).
+            num_q_heads must be a multiple of num_kv_heads (GQA; MQA when num_kv_heads == 1).
         block_table: int32 (batch, max_pages_per_seq): row b lists sequence b's pages in order (any page ids, in
             any order); entries past the sequence's last page are never read.
         seq_lens: int32 (batch,), each >= 1: the number of cached tokens of each sequence (the query included).
@@ -272,8 +279,8 @@ def paged_decode_attention(
             device (read in-kernel: no sync).
         num_splits: split-KV factor in 1..256. None picks it from batch × num_kv_heads against the SM count and
             the longest context, which copies seq_lens to the host (a sync). Given, the launch makes no
-            device-to-host sync and can be captured in a CUDA graph (after a first, autotuning call outside the
-            capture); more splits than the context has tiles is allowed (empty splits are merged away).
+            device-to-host sync and can be captured in a CUDA graph (when autotuning, after a first call outside
+            the capture); more splits than the context has tiles is allowed (empty splits are merged away).
         return_lse: also return the natural-log log-sum-exp of the scaled logits, float32 (batch, num_q_heads).
 
     Returns:
@@ -338,7 +345,11 @@ def paged_decode_attention(
     scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     block_d = triton.next_power_of_2(head_dim)
     group = num_q_heads // layout.num_kv_heads
-    _kernel[(batch, layout.num_kv_heads, num_splits)](
+    if _runtime.AUTOTUNE:
+        kernel, config = _autotuned, {}
+    else:
+        kernel, config = _decode_kernel, default_config(head_dim, group, q.dtype)
+    kernel[(batch, layout.num_kv_heads, num_splits)](
         q,
         k_cache,
         v_cache,
@@ -356,7 +367,7 @@ def paged_decode_attention(
         seq_lens.stride(0),
         *out.stride(),
         num_q_heads,
-        scale * LOG2E,
+        scale * math.log2(math.e),
         float(softcap or 0.0),
         int(window or 0),
         min(8, triton.next_power_of_2(triton.cdiv(programs, _runtime.sm_count(q.device)))),
@@ -373,6 +384,7 @@ def paged_decode_attention(
         SPLIT=split,
         STORE_LSE=return_lse,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **config,
     )
     if split:
         block_s = triton.next_power_of_2(num_splits)

@@ -13,16 +13,14 @@ import triton
 import triton.language as tl
 
 from kernels import _paged, _runtime, _validate
-from kernels._paged import FP8_MAX, load_scale, slot_offsets
+from kernels._paged import fp8_saturate, load_scale, slot_offsets
 
 
 @triton.jit
 def _store_rows(Src, Cache, rows_src, rows_cache, offs_d, mask, stride_sd, stride_cd, scale, IS_FP8: tl.constexpr):
     x = tl.load(Src + rows_src[:, None] + offs_d[None, :] * stride_sd, mask=mask)
     if IS_FP8:
-        y = x.to(tl.float32) / scale
-        y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
-        x = y.to(Cache.dtype.element_ty)
+        x = fp8_saturate(x, scale).to(Cache.dtype.element_ty)
     tl.store(Cache + rows_cache[:, None] + offs_d[None, :] * stride_cd, x, mask=mask)
 
 
@@ -92,8 +90,8 @@ def write_kv_cache(
             and head_dim must match the cache's. For a float16/bfloat16/float32 cache they must have the cache's
             dtype (stored unchanged); for a float8_e4m3fn cache any of the three.
         k_cache, v_cache: (num_pages, page_size, num_kv_heads, head_dim) ("NHD" pages), same shape, dtype,
-            strides and device; dtype float16, bfloat16, float32 or float8_e4m3fn; page_size a power of two
-            from 8 to 256. Written in place.
+            strides and device; dtype float16, bfloat16, float32 or float8_e4m3fn (GPUs: compute capability
+            >= 8.9); page_size a power of two from 8 to 256. Written in place.
         slot_mapping: int32 or int64 (num_tokens,): token i goes to page ``slot // page_size`` at offset
             ``slot % page_size``. A negative slot skips the token (padding). Slots must be < num_pages *
             page_size; two tokens with the same slot leave either one's values.

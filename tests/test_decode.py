@@ -27,7 +27,9 @@ FP8_END_TO_END_TOL = 6e-2
 def run_case(gen, lens, hq, hkv, d, page_size, dtype, **kw):
     kv = random_paged_kv(gen, lens, hkv, d, page_size, dtype)
     q = randn(len(lens), hq, d, dtype=dtype, generator=gen)
+    inputs = [t.clone() for t in (q, *kv.args)]
     out, lse = paged_decode_attention(q, *kv.args, return_lse=True, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(inputs, (q, *kv.args), strict=True))  # inputs are read-only
     kw.pop("num_splits", None)
     ref, ref_lse = paged_decode_attention_ref(q, *kv.args, **kw)
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
@@ -116,6 +118,14 @@ def test_custom_and_default_scale(gen):
     assert torch.equal(
         paged_decode_attention(q, *kv.args), paged_decode_attention(q, *kv.args, sm_scale=1 / math.sqrt(128))
     )
+
+
+@pytest.mark.parametrize("block_n", [16, 32, 128])
+@pytest.mark.parametrize("window", [None, 50])
+def test_every_tile_size_of_the_gpu_configs(gen, monkeypatch, block_n, window):
+    # Split ranges and the window's first tile are counted in tiles: check them for the other tile sizes too.
+    monkeypatch.setattr(decode, "default_config", lambda *a: {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 1})
+    run_case(gen, [1, 40, 300], 4, 2, 64, 16, torch.float32, window=window, num_splits=3)
 
 
 def test_long_context_many_splits(gen):
@@ -228,7 +238,8 @@ def test_explicit_splits_make_no_host_sync(gen, monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launched.append((self.name, grid))
 
-    monkeypatch.setattr(decode, "_kernel", Recorder("decode"))
+    monkeypatch.setattr(decode, "_decode_kernel", Recorder("decode"))
+    monkeypatch.setattr(decode, "_autotuned", Recorder("decode"))
     monkeypatch.setattr(decode, "merge_splits_kernel", Recorder("merge"))
     monkeypatch.setattr(kernels._runtime, "values_checkable", lambda t: False)
 
@@ -261,7 +272,8 @@ def no_launch(monkeypatch):
         def __getitem__(self, grid):
             raise AssertionError("kernel launched on invalid input")
 
-    monkeypatch.setattr(decode, "_kernel", Trap())
+    monkeypatch.setattr(decode, "_decode_kernel", Trap())
+    monkeypatch.setattr(decode, "_autotuned", Trap())
     monkeypatch.setattr(decode, "merge_splits_kernel", Trap())
 
 

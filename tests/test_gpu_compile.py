@@ -43,3 +43,27 @@ def test_prefill_default_configs_compile_without_spills(arch):
         assert all(" wgmma   0 " not in line for line in bf16), out
     else:
         assert all(" mma.sync   0 " not in line for line in bf16), out
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_decode_default_configs_compile_without_spills(arch):
+    # The benchmark shape (GQA 4, head_dim 128) direct and split, a large q tile (MQA-like group 32, head_dim 256),
+    # fp32 (the CPU tests' dtype), fp8 KV where the architecture has it, and the KV write and split merge.
+    out = _compile(
+        "import torch, kernels.decode as D, kernels.kv_cache as W, kernels.merge as M\n"
+        "from compile_check import compile_kernel, decode_args\n"
+        "cases = [(128, 4, torch.bfloat16, False, False), (128, 4, torch.bfloat16, False, True),\n"
+        "         (256, 32, torch.bfloat16, False, True), (128, 4, torch.float32, False, True)]\n"
+        f"if {arch} >= 89:\n"
+        "    cases += [(128, 4, torch.bfloat16, True, True), (128, 4, torch.float32, True, True)]\n"
+        "for d, g, dtype, fp8, split in cases:\n"
+        "    c = D.default_config(d, g, dtype)\n"
+        "    r = compile_kernel(D._decode_kernel, decode_args(d, g, dtype, c['BLOCK_N'], fp8=fp8, split=split),\n"
+        f"                       {arch}, c['num_warps'], c['num_stages'], f'd{{d}} g{{g}} {{dtype}} fp8={{fp8}}')\n"
+        "    print(r.line())\n"
+    )
+    lines = out.strip().splitlines()
+    assert len(lines) == (6 if arch >= 89 else 4) and all(line.endswith(" ok") for line in lines), out
+    bf16 = [line for line in lines if "bfloat16" in line]
+    assert all(" mma.sync   0 " not in line for line in bf16), out  # scores and P·V on tensor cores
+    assert all(" cp.async   0 " not in line for line in bf16), out  # K/V tiles loaded asynchronously
