@@ -1,5 +1,9 @@
-"""``python -m kernels``: a short demonstration of the kernels on random inputs, checked against the float64
-reference. Runs compiled on a GPU, or through Triton's interpreter on CPU."""
+"""``python -m kernels``: both phases on random inputs, each checked against its float64 reference.
+
+A prompt batch goes through ``prefill_attention``; its K/V are written into a paged cache (shuffled pages) with
+``write_kv_cache``; one decode step attends over the pages with ``paged_decode_attention``. Runs compiled on a GPU
+or through Triton's interpreter on CPU.
+"""
 
 from __future__ import annotations
 
@@ -8,28 +12,55 @@ import time
 import torch
 
 import kernels
-from kernels.reference import prefill_attention_ref
+from kernels.reference import paged_decode_attention_ref, prefill_attention_ref
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double().cpu() - ref).norm() / ref.norm()).item()
 
 
 def main() -> None:
     device = "cpu" if kernels.INTERPRET else "cuda"
-    dtype = torch.bfloat16
-    torch.manual_seed(0)
+    dtype, hq, hkv, d, page = torch.bfloat16, 8, 2, 128, 16
+    gen = torch.Generator().manual_seed(0)
     lengths = [5, 130, 77]
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    total, hq, hkv, d = sum(lengths), 8, 2, 128
-    q = torch.randn(total, hq, d, device=device, dtype=dtype)
-    k = torch.randn(total, hkv, d, device=device, dtype=dtype)
-    v = torch.randn(total, hkv, d, device=device, dtype=dtype)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, h, d, generator=gen).to(device, dtype) for h in (hq, hkv, hkv))
+    mode = "Triton interpreter (CPU)" if kernels.INTERPRET else f"compiled on {torch.cuda.get_device_name()}"
+    print(f"mode: {mode}; {len(lengths)} sequences {lengths}, {hq}/{hkv} heads, head_dim {d}, {dtype}")
+
     start = time.perf_counter()
     out = kernels.prefill_attention(q, k, v, cu, cu, causal=True)
-    elapsed = time.perf_counter() - start
     ref, _ = prefill_attention_ref(q, k, v, cu, cu, causal=True)
-    err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
-    mode = "Triton interpreter (CPU)" if kernels.INTERPRET else f"compiled on {torch.cuda.get_device_name()}"
-    print(f"prefill_attention: {len(lengths)} sequences {lengths}, {hq}/{hkv} heads, head_dim {d}, {dtype}")
-    print(f"  mode: {mode}; first call {elapsed:.2f} s (includes compilation)")
-    print(f"  relative error vs float64 reference: {err:.2e}")
+    print(
+        f"prefill_attention:      rel. error {_rel(out, ref):.1e} ({time.perf_counter() - start:.2f} s incl. compile)"
+    )
+
+    # Page the prompts' K/V: each sequence gets whole pages, in shuffled order, plus one slot for the next token.
+    pages_per_seq = [-(-(n + 1) // page) for n in lengths]
+    order = torch.randperm(sum(pages_per_seq), generator=gen)
+    block_table = torch.zeros(len(lengths), max(pages_per_seq), dtype=torch.int32)
+    slots, used = [], 0
+    for b, (n, p) in enumerate(zip(lengths, pages_per_seq, strict=True)):
+        block_table[b, :p] = order[used : used + p]
+        used += p
+        slots += [int(block_table[b, t // page]) * page + t % page for t in range(n)]
+    k_cache = torch.randn(used, page, hkv, d, generator=gen).to(device, dtype)  # stale data in unused slots
+    v_cache = torch.randn(used, page, hkv, d, generator=gen).to(device, dtype)
+    kernels.write_kv_cache(k, v, k_cache, v_cache, torch.tensor(slots, dtype=torch.int32, device=device))
+
+    # One decode step: the last prompt token of each sequence queries its whole cached context.
+    last = (cu[1:] - 1).long()
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    block_table = block_table.to(device)
+    start = time.perf_counter()
+    dec = kernels.paged_decode_attention(q[last], k_cache, v_cache, block_table, seq_lens)
+    ref, _ = paged_decode_attention_ref(q[last], k_cache, v_cache, block_table, seq_lens)
+    print(
+        f"paged_decode_attention: rel. error {_rel(dec, ref):.1e} ({time.perf_counter() - start:.2f} s incl. compile)"
+    )
+    print(f"decode == last prefill row: rel. difference {_rel(dec, out[last].double().cpu()):.1e}")
 
 
 if __name__ == "__main__":

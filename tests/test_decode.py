@@ -13,7 +13,7 @@ import kernels.decode as decode
 from kernels import paged_decode_attention, write_kv_cache
 from kernels.reference import attention_ref, paged_decode_attention_ref
 from tests.paged import UNUSED_PAGE, random_fp8, random_paged_kv, shuffled_block_table, slot_mapping
-from tests.util import DEVICE, ON_CUDA, TOL, randn, rel_err
+from tests.util import DEVICE, ON_CUDA, TOL, randn, rel_err, replace_arg, trap_launches
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -268,13 +268,7 @@ def test_explicit_splits_make_no_host_sync(gen, monkeypatch):
 
 @pytest.fixture
 def no_launch(monkeypatch):
-    class Trap:
-        def __getitem__(self, grid):
-            raise AssertionError("kernel launched on invalid input")
-
-    monkeypatch.setattr(decode, "_decode_kernel", Trap())
-    monkeypatch.setattr(decode, "_autotuned", Trap())
-    monkeypatch.setattr(decode, "merge_splits_kernel", Trap())
+    trap_launches(monkeypatch, decode, "_decode_kernel", "_autotuned", "merge_splits_kernel")
 
 
 def _valid(dtype=torch.float32):
@@ -288,41 +282,45 @@ def _fp8(args):
     return [args[0], args[1].to(torch.float8_e4m3fn), args[2].to(torch.float8_e4m3fn), *args[3:]]
 
 
-def _set(args, i, value):
-    args = list(args)
-    args[i] = value
-    return args
-
-
 @pytest.mark.parametrize(
     "mutate, error, match",
     [
-        (lambda a: _set(a, 0, a[0][0]), ValueError, "q must have 3 dimensions"),
-        (lambda a: _set(a, 0, a[0].half()), TypeError, "q has dtype"),
-        (lambda a: _set(a, 0, a[0].int()), TypeError, "q must have dtype"),
-        (lambda a: _set(a, 0, a[0][..., :32]), ValueError, "q has head_dim 32 but the cache has 64"),
-        (lambda a: _set(a, 0, a[0][:, :3]), ValueError, "multiple of num_kv_heads"),
-        (lambda a: _set(a, 0, a[0][:1]), ValueError, "block_table must have one row per sequence"),
-        (lambda a: _set(a, 1, a[1][:, :, :1]), ValueError, "v_cache must have k_cache's shape"),
-        (lambda a: _set(a, 2, a[2].half()), TypeError, "v_cache has dtype"),
+        (lambda a: replace_arg(a, 0, a[0][0]), ValueError, "q must have 3 dimensions"),
+        (lambda a: replace_arg(a, 0, a[0].half()), TypeError, "q has dtype"),
+        (lambda a: replace_arg(a, 0, a[0].int()), TypeError, "q must have dtype"),
+        (lambda a: replace_arg(a, 0, a[0][..., :32]), ValueError, "q has head_dim 32 but the cache has 64"),
+        (lambda a: replace_arg(a, 0, a[0][:, :3]), ValueError, "multiple of num_kv_heads"),
+        (lambda a: replace_arg(a, 0, a[0][:1]), ValueError, "block_table must have one row per sequence"),
+        (lambda a: replace_arg(a, 1, a[1][:, :, :1]), ValueError, "v_cache must have k_cache's shape"),
+        (lambda a: replace_arg(a, 2, a[2].half()), TypeError, "v_cache has dtype"),
         (lambda a: [a[0][..., :48], a[1][..., :48], a[2][..., :48], *a[3:]], ValueError, "supported head dims"),
-        (lambda a: _set(_set(a, 1, a[1][:, :12]), 2, a[2][:, :12]), ValueError, "page_size 12"),
-        (lambda a: _set(a, 1, a[1][0]), ValueError, "k_cache must have 4 dimensions"),
-        (lambda a: _set(a, 3, a[3].long()), TypeError, "block_table must have dtype"),
-        (lambda a: _set(a, 3, a[3][:, :2]), ValueError, "block_table is too narrow"),
-        (lambda a: _set(a, 3, a[3][:, :0]), ValueError, "block_table has no columns"),
-        (lambda a: _set(a, 3, a[3][0]), ValueError, "block_table must have 2 dimensions"),
-        (lambda a: _set(a, 4, a[4].long()), TypeError, "seq_lens must have dtype"),
-        (lambda a: _set(a, 4, a[4][:1]), ValueError, "seq_lens must have one length per sequence"),
-        (lambda a: _set(a, 4, a[4] * 0), ValueError, "seq_lens must be >= 1"),
-        (lambda a: _set(a, 4, a[4] - 6), ValueError, r"seq_lens\[0\] = -1"),
+        (lambda a: replace_arg(replace_arg(a, 1, a[1][:, :12]), 2, a[2][:, :12]), ValueError, "page_size 12"),
+        (lambda a: replace_arg(a, 1, a[1][0]), ValueError, "k_cache must have 4 dimensions"),
+        (lambda a: replace_arg(a, 3, a[3].long()), TypeError, "block_table must have dtype"),
+        (lambda a: replace_arg(a, 3, a[3][:, :2]), ValueError, "block_table is too narrow"),
+        (lambda a: replace_arg(a, 3, a[3][:, :0]), ValueError, "block_table has no columns"),
+        (lambda a: replace_arg(a, 3, a[3][0]), ValueError, "block_table must have 2 dimensions"),
+        (lambda a: replace_arg(a, 4, a[4].long()), TypeError, "seq_lens must have dtype"),
+        (lambda a: replace_arg(a, 4, a[4][:1]), ValueError, "seq_lens must have one length per sequence"),
+        (lambda a: replace_arg(a, 4, a[4] * 0), ValueError, "seq_lens must be >= 1"),
+        (lambda a: replace_arg(a, 4, a[4] - 6), ValueError, r"seq_lens\[0\] = -1"),
         (
-            lambda a: _set(_set(a, 3, torch.cat([a[3]] * 9, 1)), 4, a[4] * 0 + torch.tensor([5, 144]).to(a[4])),
+            lambda a: replace_arg(
+                replace_arg(a, 3, torch.cat([a[3]] * 9, 1)), 4, a[4] * 0 + torch.tensor([5, 144]).to(a[4])
+            ),
             ValueError,
             "longer than the cache's 7 pages",
         ),
-        (lambda a: _set(a, 3, torch.where(a[3] == a[3][1, 1], -1, a[3])), ValueError, r"block_table\[1, 1\] = -1"),
-        (lambda a: _set(a, 3, torch.where(a[3] == a[3][0, 0], 99, a[3])), ValueError, r"block_table\[0, 0\] = 99"),
+        (
+            lambda a: replace_arg(a, 3, torch.where(a[3] == a[3][1, 1], -1, a[3])),
+            ValueError,
+            r"block_table\[1, 1\] = -1",
+        ),
+        (
+            lambda a: replace_arg(a, 3, torch.where(a[3] == a[3][0, 0], 99, a[3])),
+            ValueError,
+            r"block_table\[0, 0\] = 99",
+        ),
     ],
 )
 def test_bad_input_is_rejected_before_launch(no_launch, mutate, error, match):

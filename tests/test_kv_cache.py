@@ -10,7 +10,7 @@ import kernels.kv_cache as kv_cache
 from kernels import write_kv_cache
 from kernels.reference import write_kv_cache_ref
 from tests.paged import random_fp8
-from tests.util import DEVICE, ON_CUDA, randn
+from tests.util import DEVICE, ON_CUDA, randn, replace_arg, trap_launches
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -125,11 +125,7 @@ def test_zero_tokens_and_all_padding_change_nothing(gen):
 
 @pytest.fixture
 def no_launch(monkeypatch):
-    class Trap:
-        def __getitem__(self, grid):
-            raise AssertionError("kernel launched on invalid input")
-
-    monkeypatch.setattr(kv_cache, "_write_kernel", Trap())
+    trap_launches(monkeypatch, kv_cache, "_write_kernel")
 
 
 def _valid(cache_dtype=torch.float32):
@@ -144,29 +140,35 @@ def _valid(cache_dtype=torch.float32):
     return [k, k.clone(), k_cache, v_cache, slots]
 
 
-def _set(args, i, value):
-    args = list(args)
-    args[i] = value
-    return args
-
-
 @pytest.mark.parametrize(
     "mutate, error, match",
     [
-        (lambda a: _set(a, 0, a[0][0]), ValueError, "k must have 3 dimensions"),
-        (lambda a: _set(a, 1, a[1][:5]), ValueError, "v must have k's shape"),
-        (lambda a: _set(a, 1, a[1].double()), TypeError, "v must have dtype"),
-        (lambda a: _set(_set(a, 0, a[0].half()), 1, a[1].half()), TypeError, "k has dtype torch.float16 but the"),
-        (lambda a: _set(_set(a, 0, a[0][..., :32]), 1, a[1][..., :32]), ValueError, "head_dim 32 but the cache"),
-        (lambda a: _set(_set(a, 0, a[0][:, :1]), 1, a[1][:, :1]), ValueError, "k has 1 heads"),
-        (lambda a: _set(a, 3, a[3][:3]), ValueError, "v_cache must have k_cache's shape"),
-        (lambda a: _set(_set(a, 2, a[2].transpose(0, 1)), 3, a[3].transpose(0, 1)), ValueError, "page_size 4"),
-        (lambda a: _set(a, 3, a[3].half()), TypeError, "v_cache has dtype"),
-        (lambda a: _set(a, 3, a[3].transpose(2, 3).contiguous().transpose(2, 3)), ValueError, "same strides"),
-        (lambda a: _set(a, 2, a[2].int()), TypeError, "k_cache must have dtype"),
-        (lambda a: _set(a, 4, a[4][:5]), ValueError, "one slot per token"),
-        (lambda a: _set(a, 4, a[4].float()), TypeError, "slot_mapping must have dtype"),
-        (lambda a: _set(a, 4, a[4] + 1), ValueError, "slot 32, but the cache has 32 slots"),
+        (lambda a: replace_arg(a, 0, a[0][0]), ValueError, "k must have 3 dimensions"),
+        (lambda a: replace_arg(a, 1, a[1][:5]), ValueError, "v must have k's shape"),
+        (lambda a: replace_arg(a, 1, a[1].double()), TypeError, "v must have dtype"),
+        (
+            lambda a: replace_arg(replace_arg(a, 0, a[0].half()), 1, a[1].half()),
+            TypeError,
+            "k has dtype torch.float16 but the",
+        ),
+        (
+            lambda a: replace_arg(replace_arg(a, 0, a[0][..., :32]), 1, a[1][..., :32]),
+            ValueError,
+            "head_dim 32 but the cache",
+        ),
+        (lambda a: replace_arg(replace_arg(a, 0, a[0][:, :1]), 1, a[1][:, :1]), ValueError, "k has 1 heads"),
+        (lambda a: replace_arg(a, 3, a[3][:3]), ValueError, "v_cache must have k_cache's shape"),
+        (
+            lambda a: replace_arg(replace_arg(a, 2, a[2].transpose(0, 1)), 3, a[3].transpose(0, 1)),
+            ValueError,
+            "page_size 4",
+        ),
+        (lambda a: replace_arg(a, 3, a[3].half()), TypeError, "v_cache has dtype"),
+        (lambda a: replace_arg(a, 3, a[3].transpose(2, 3).contiguous().transpose(2, 3)), ValueError, "same strides"),
+        (lambda a: replace_arg(a, 2, a[2].int()), TypeError, "k_cache must have dtype"),
+        (lambda a: replace_arg(a, 4, a[4][:5]), ValueError, "one slot per token"),
+        (lambda a: replace_arg(a, 4, a[4].float()), TypeError, "slot_mapping must have dtype"),
+        (lambda a: replace_arg(a, 4, a[4] + 1), ValueError, "slot 32, but the cache has 32 slots"),
     ],
 )
 def test_bad_input_is_rejected_and_caches_unchanged(no_launch, mutate, error, match):

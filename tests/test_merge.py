@@ -10,7 +10,7 @@ import kernels.merge as merge
 from kernels import merge_attention_states, paged_decode_attention
 from kernels.reference import merge_attention_states_ref
 from tests.paged import random_paged_kv
-from tests.util import DEVICE, TOL, randn, rel_err
+from tests.util import DEVICE, TOL, randn, rel_err, trap_launches
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -85,11 +85,7 @@ def test_empty_input():
 
 @pytest.fixture
 def no_launch(monkeypatch):
-    class Trap:
-        def __getitem__(self, grid):
-            raise AssertionError("kernel launched on invalid input")
-
-    monkeypatch.setattr(merge, "_merge_states_kernel", Trap())
+    trap_launches(monkeypatch, merge, "_merge_states_kernel")
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import kernels.prefill as prefill
 from kernels import prefill_attention
 from kernels.reference import prefill_attention_ref
-from tests.util import DEVICE, ON_CUDA, TOL, cu_seqlens, randn, rel_err
+from tests.util import DEVICE, ON_CUDA, TOL, cu_seqlens, randn, rel_err, trap_launches
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -170,12 +170,7 @@ def test_random_shapes_property(gen, lens, group, head_dim, causal, window):
 
 @pytest.fixture
 def no_launch(monkeypatch):
-    class Trap:
-        def __getitem__(self, grid):
-            raise AssertionError("kernel launched on invalid input")
-
-    monkeypatch.setattr(prefill, "_prefill_kernel", Trap())
-    monkeypatch.setattr(prefill, "_autotuned", Trap())
+    trap_launches(monkeypatch, prefill, "_prefill_kernel", "_autotuned")
 
 
 def _valid(dtype=torch.float32):

@@ -100,3 +100,14 @@ def test_rounding_helpers_match_torch():
     assert torch.equal(ours.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
     back = bf16_bits_to_f32(ours.view(torch.int16).numpy().view("uint16"))
     assert torch.equal(torch.from_numpy(back), ours.float())
+
+
+def test_kernels_demo_runs_and_agrees_with_the_references():
+    done = subprocess.run(
+        [sys.executable, "-m", "kernels"], capture_output=True, text=True, cwd=ROOT, timeout=300, env=os.environ
+    )
+    assert done.returncode == 0, done.stderr
+    errors = [
+        float(line.split("rel. error ")[1].split()[0]) for line in done.stdout.splitlines() if "rel. error" in line
+    ]
+    assert len(errors) == 2 and all(e < 1e-2 for e in errors), done.stdout

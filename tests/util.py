@@ -37,3 +37,21 @@ def cu_seqlens(lengths: list[int]) -> torch.Tensor:
 def randn(*shape: int, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
     """Fresh random values (never zeros), drawn on CPU for reproducibility, moved to the kernels' device."""
     return torch.randn(*shape, generator=generator, dtype=torch.float32).to(dtype).to(DEVICE)
+
+
+class _LaunchTrap:
+    def __getitem__(self, grid):
+        raise AssertionError("kernel launched on invalid input")
+
+
+def trap_launches(monkeypatch, module, *names: str) -> None:
+    """Make every named kernel of ``module`` fail the test if launched: bad input must be refused before."""
+    for name in names:
+        monkeypatch.setattr(module, name, _LaunchTrap())
+
+
+def replace_arg(args, i: int, value) -> list:
+    """A copy of the argument list ``args`` with argument ``i`` replaced (for bad-input tables)."""
+    args = list(args)
+    args[i] = value
+    return args
