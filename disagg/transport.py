@@ -84,9 +84,15 @@ class Header:
     @classmethod
     def decode(cls, t: torch.Tensor) -> Header:
         values = t.tolist()
-        if len(values) != HEADER_LEN or values[0] != MAGIC or values[1] not in Kind._value2member_map_:
-            raise DistributedError(f"received a malformed header {values} (do all ranks run the same version?)")
-        return cls(Kind(values[1]), values[4], values[3], tuple(values[5:]), bool(values[2]))
+        try:
+            if len(values) != HEADER_LEN or values[0] != MAGIC:
+                raise ValueError
+            kind = Kind(values[1])
+        except ValueError:
+            raise DistributedError(
+                f"received a malformed header {values} (do all ranks run the same version?)"
+            ) from None
+        return cls(kind, values[4], values[3], tuple(values[5:]), bool(values[2]))
 
 
 def lost_reason(e: BaseException) -> str:

@@ -37,7 +37,7 @@ from disagg.transport import HEADER_LEN, Header, Kind
 
 SAMPLING = ["--max-new-tokens", "4", "--temperature", "0.8", "--top-k", "50", "--seed", "11"]
 BASIC = ["--prompt-ids", "256,72,101,108,108,111", "256,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18", "256"]
-# pools of 3 pages of 8 tokens: the five servable requests need 1+3+1+1+2 = 8 pages over two decode pools of 3;
+# pools of 3 pages of 8 tokens: the five servable requests need 2+3+1+1+2 = 9 pages over two decode pools of 3;
 # the empty prompt fails at prefill, the 23-token one (23 + 4 - 1 > 24 tokens) is refused by the decode rank
 TINY_POOL = ["--page-size", "8", "--num-pages", "3", "--prompt-ids", "", *BASIC[1:]]
 TINY_POOL += ["256,5,6,7", "256,30,31,32,33,34,35,36,37,38,39,40", "256," + ",".join(map(str, range(60, 82)))]
@@ -230,10 +230,11 @@ def test_header_round_trip_and_refusal():
     t = h.encode()
     assert t.dtype == torch.int64 and t.shape == (HEADER_LEN,)
     assert Header.decode(t) == h
-    bad = t.clone()
-    bad[0] += 1
-    with pytest.raises(DistributedError, match="malformed header"):
-        Header.decode(bad)
+    for field, value in ((0, 1), (1, 99)):  # not our magic number; no such kind
+        bad = t.clone()
+        bad[field] = value
+        with pytest.raises(DistributedError, match="malformed header"):
+            Header.decode(bad)
     with pytest.raises(ValueError, match="holds 7 fields"):
         Header(Kind.META, fields=tuple(range(8))).encode()
 
