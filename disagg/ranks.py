@@ -109,7 +109,7 @@ class Rank:
             if self.rank != 0 and not self.serving and not self._reported and 0 not in self.transport.lost:
                 data = json.dumps(self.report()).encode()
                 self.transport.send(0, Kind.REPORT, fields=(len(data),))
-                self.transport.send_bytes(0, REPORT_TAG, data)
+                self.transport.send_bytes(0, REPORT_TAG, data, payload=False)
                 self._reported = True
             self.transport.heartbeat()
 
@@ -154,7 +154,8 @@ class Rank:
             else:
                 self.transfer_done(e.peer, e.done)
         elif e.header.kind == Kind.REPORT:
-            self._report_transfers[e.peer] = self.transport.recv_bytes(e.peer, REPORT_TAG, e.header.fields[0])
+            nbytes = e.header.fields[0]
+            self._report_transfers[e.peer] = self.transport.recv_bytes(e.peer, REPORT_TAG, nbytes, payload=False)
         elif e.header.kind == Kind.FINAL:
             self.status = e.header.fields[0]
         else:

@@ -197,15 +197,18 @@ class Transport:
         if last:
             self.sending.discard(peer)
 
-    def send_bytes(self, peer: int, tag: int, data: bytes) -> Pending | None:
-        """Send ``data`` as one uint8 tensor. The transfer comes back as an Event when it is done; None: the peer
-        is already lost (that comes back as an Event too)."""
-        tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.payload_device)
+    def send_bytes(self, peer: int, tag: int, data: bytes, *, payload: bool = True) -> Pending | None:
+        """Send ``data`` as one uint8 tensor, from the payload device (``payload=False``: from the host, over gloo,
+        as control data). The transfer comes back as an Event when it is done; None: the peer is already lost
+        (that comes back as an Event too)."""
+        device = self.payload_device if payload else "cpu"
+        tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
         return self._post(peer, tensor, tag, send=True, on_done=self._bulk_done)
 
-    def recv_bytes(self, peer: int, tag: int, nbytes: int) -> Pending | None:
+    def recv_bytes(self, peer: int, tag: int, nbytes: int, *, payload: bool = True) -> Pending | None:
         """Post a receive of exactly ``nbytes`` bytes; like :meth:`send_bytes` it comes back as an Event."""
-        tensor = torch.empty(nbytes, dtype=torch.uint8, device=self.payload_device)
+        device = self.payload_device if payload else "cpu"
+        tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
         return self._post(peer, tensor, tag, send=False, on_done=self._bulk_done)
 
     def heartbeat(self) -> None:
