@@ -251,8 +251,10 @@ def test_figure_places_measured_points(tmp_path):
     assert len(loaded) == 1 and notes == []
     fig = roofline_plot.figure(loaded)
     ax = fig.axes[0]
-    placed = sorted(tuple(o) for c in ax.collections for o in c.get_offsets())
-    assert placed == pytest.approx(sorted([(4000.0, 400.0), (4000.0, 200.0), (4.0, 8.0)]))
+    placed = sorted(tuple(float(x) for x in o) for c in ax.collections for o in c.get_offsets())
+    expected = sorted([(4000.0, 400.0), (4000.0, 200.0), (4.0, 8.0)])
+    assert len(placed) == len(expected)
+    assert all(p == pytest.approx(e) for p, e in zip(placed, expected, strict=True)), placed
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any("Test GPU" in s and "measured" in s for s in labels)
     assert "3 measured points" in fig._suptitle.get_text()
