@@ -4,11 +4,19 @@ Scores are kept in the log2 domain: the kernels multiply ``q·k`` by ``sm_scale 
 (one MUFU instruction on NVIDIA GPUs), converting the log-sum-exp back to natural log only at the end.
 """
 
+import math
+
 import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)  # jit globals must be tl.constexpr instances
 LN2 = tl.constexpr(0.6931471805599453)
+
+
+def log2_logit_scale(head_dim: int, sm_scale: float | None) -> float:
+    """The host-side ``qk_scale`` the kernels take: sm_scale (default 1/sqrt(head_dim)) times log2(e)."""
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    return scale * math.log2(math.e)
 
 
 @triton.jit

@@ -9,6 +9,10 @@ import torch
 from kernels import _runtime
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+"""Head dims every kernel supports (non-powers of two are padded inside the kernels)."""
+MAX_GRID_YZ = 65535
+"""CUDA's limit on a launch grid's y and z dimensions."""
 FP8_DTYPES = (torch.float8_e4m3fn,)
 
 

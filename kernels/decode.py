@@ -28,23 +28,21 @@ int32 (batch, max_pages); seq_lens int32 (batch,).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels import _paged, _runtime, _validate
-from kernels._jit import online_softmax_step, scale_scores, softmax_finish
+from kernels._jit import log2_logit_scale, online_softmax_step, scale_scores, softmax_finish
 from kernels._paged import load_scale, token_offsets
 from kernels.merge import merge_splits_kernel
 
-HEAD_DIMS = (32, 64, 96, 128, 192, 256)
+HEAD_DIMS = _validate.HEAD_DIMS
 MAX_SPLITS = 256
 MIN_TOKENS_PER_SPLIT = 256
 """The automatic split never cuts a context into pieces shorter than this (each split pays a q load and a
 partial write; below ~256 tokens that overhead stops being small next to the K/V it reads)."""
-MAX_GRID_YZ = 65535
+MAX_GRID_YZ = _validate.MAX_GRID_YZ
 
 
 @triton.jit
@@ -342,7 +340,6 @@ def paged_decode_attention(
     else:  # never touched: the kernel writes out/lse directly
         part_out, part_lse = out, lse
     programs = batch * layout.num_kv_heads * num_splits
-    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
     block_d = triton.next_power_of_2(head_dim)
     group = num_q_heads // layout.num_kv_heads
     if _runtime.AUTOTUNE:
@@ -367,7 +364,7 @@ def paged_decode_attention(
         seq_lens.stride(0),
         *out.stride(),
         num_q_heads,
-        scale * math.log2(math.e),
+        log2_logit_scale(head_dim, sm_scale),
         float(softcap or 0.0),
         int(window or 0),
         min(8, triton.next_power_of_2(triton.cdiv(programs, _runtime.sm_count(q.device)))),

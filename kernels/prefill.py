@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 from collections.abc import Iterator
 
 import torch
@@ -34,10 +33,10 @@ import triton
 import triton.language as tl
 
 from kernels import _runtime, _validate
-from kernels._jit import online_softmax_step, scale_scores, softmax_finish
+from kernels._jit import log2_logit_scale, online_softmax_step, scale_scores, softmax_finish
 
-HEAD_DIMS = (32, 64, 96, 128, 192, 256)
-MAX_GRID_YZ = 65535
+HEAD_DIMS = _validate.HEAD_DIMS
+MAX_GRID_YZ = _validate.MAX_GRID_YZ
 
 
 # fmt: off
@@ -320,7 +319,6 @@ def prefill_attention(
     out = _runtime.empty((total_q, num_q_heads, head_dim), q.dtype, q.device)
     lse = _runtime.empty((total_q, num_q_heads) if return_lse else (1,), torch.float32, q.device)
     if total_q > 0 and batch > 0 and max_seqlen_q > 0:
-        scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
         block_d = triton.next_power_of_2(head_dim)
 
         def grid(meta):
@@ -347,7 +345,7 @@ def prefill_attention(
             *v.stride(),
             *out.stride(),
             num_q_heads,
-            scale * math.log2(math.e),
+            log2_logit_scale(head_dim, sm_scale),
             float(softcap or 0.0),
             int(window or 0),
             min(triton.next_power_of_2(max(max_seqlen_q, 1)), 16384),
