@@ -112,8 +112,11 @@ class KVPool:
         table = self._tables[seq]
         if end > len(table) * self.page_size:
             raise ValueError(f"positions up to {end} exceed the {len(table)} pages of sequence {seq!r}")
+        # Only the pages covering [start, end): a decode step asks for one slot of a possibly very long sequence.
+        first = start // self.page_size
+        pages = torch.tensor(table[first : -(-end // self.page_size)], dtype=torch.int64)
         pos = torch.arange(start, end, dtype=torch.int64)
-        return torch.tensor(table, dtype=torch.int64)[pos // self.page_size] * self.page_size + pos % self.page_size
+        return pages[pos // self.page_size - first] * self.page_size + pos % self.page_size
 
     # --- data ------------------------------------------------------------------------------------------------
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
