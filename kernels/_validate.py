@@ -64,8 +64,3 @@ def positive_float(name: str, value: float | None) -> None:
 def window(value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ValueError(f"window must be an int >= 1 or None, got {value!r}")
-
-
-def last_dim_contiguous(name: str, t: torch.Tensor) -> None:
-    if t.numel() > 0 and t.stride(-1) != 1:
-        raise ValueError(f"{name} must have unit stride in its last (head_dim) dimension, got strides {t.stride()}")
