@@ -155,7 +155,7 @@ def prefill_reports(arch: int, tuned: bool) -> list[Report]:
     reports = []
     for head_dim in prefill.HEAD_DIMS:
         for dtype in (torch.bfloat16, torch.float32):
-            cfg = prefill.default_config(head_dim, dtype)
+            cfg = prefill.default_config(head_dim, dtype, arch)
             configs = [(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])]
             if tuned and dtype == torch.bfloat16 and head_dim in (64, 128, 256):
                 configs += [

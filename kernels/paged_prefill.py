@@ -133,23 +133,24 @@ def launch_config(max_seqlen_q: int, group: int, head_dim: int, dtype: torch.dty
     heads per tile (BLOCK_M rows), BLOCK_N keys per KV tile, warps and pipeline stages. ``dtype`` is q's.
     Chosen spill-free on sm_90/sm_80 by ``bench/compile_check.py``."""
     group_p = triton.next_power_of_2(group)
-    short = max_seqlen_q <= SHORT_QUERIES
-    if short:  # the whole run in one tile (decode's layout when it is one query)
-        block_q = triton.next_power_of_2(max(max_seqlen_q, 1))
-    else:  # prefill's 128-row query tiles (64 when the accumulator is wide or fp32 FMA dots)
-        rows = 128 if head_dim <= 128 and dtype != torch.float32 and not _runtime.INTERPRET else 64
-        block_q = max(1, rows // group_p)
-    block_q = max(block_q, triton.cdiv(16, group_p))  # tensor-core dots need 16 rows
-    block_m = block_q * group_p
     block_d = triton.next_power_of_2(head_dim)
+    most = 128 if block_d <= 128 else 64  # prefill's query tiles: the accumulator must stay in registers
+    if max_seqlen_q <= SHORT_QUERIES:  # the whole run in one tile (decode's layout when it is one query)
+        rows = min(triton.next_power_of_2(max(max_seqlen_q, 1)) * group_p, most)
+    elif _runtime.INTERPRET or dtype == torch.float32:  # big tiles for the interpreter; fp32 FMA dots: small
+        rows = 64 if _runtime.INTERPRET else 32
+    else:
+        rows = most
+    block_q = max(1, rows // group_p, triton.cdiv(16, group_p))  # tensor-core dots need 16 rows
+    block_m = block_q * group_p
     if _runtime.INTERPRET:  # the interpreter's cost is per program and per loop iteration: big tiles
         block_n, warps, stages = 64, 4, 1
     elif dtype == torch.float32:  # IEEE fp32 dots are FMA loops: small tiles, or they spill
         block_n, warps, stages = 16, 4 if block_m <= 32 else 8, 1
-    elif block_m * block_d > 64 * 128:
-        block_n, warps, stages = 64 if block_d <= 128 else 32, 8, 2
-    elif block_m * block_d > 16 * 128:
-        block_n, warps, stages = 32 if block_d > 128 else 64, 4, 3
+    elif block_m >= 64:  # prefill's configs (see kernels.prefill.default_config)
+        block_n, warps, stages = (64, 8, 3) if block_d <= 64 else (64, 8, 2) if block_d <= 128 else (32, 8, 2)
+    elif block_m * block_d > 16 * 128:  # decode's configs (see kernels.decode.default_config)
+        block_n, warps, stages = 32, 4, 3
     else:
         block_n, warps, stages = 64, 4, 3
     return {"BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}

@@ -100,17 +100,22 @@ def _prefill_kernel(
 # fmt: on
 
 
-def default_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """The heuristic tile config (used in the interpreter, and on the GPU when autotuning is off)."""
+def default_config(head_dim: int, dtype: torch.dtype, arch: int = 90) -> dict:
+    """The heuristic tile config (used in the interpreter, and on the GPU when autotuning is off); ``arch`` is
+    the compute capability as major * 10 + minor. Chosen spill-free on sm_90/sm_80 by ``bench/compile_check.py``."""
     if _runtime.INTERPRET:  # big tiles = few programs, which is what makes the interpreter fast
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:  # IEEE fp32 dots are FMA loops: small tiles, many warps, or they spill
         return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2}
+    # 8 warps everywhere: the masked tiles hold their V tile in registers (the non-finite check of
+    # kernels._jit.attend_tiles), which spilled at 4 warps (d64), 3 stages (d128) and 64-key tiles (d256).
     if head_dim <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    if head_dim <= 128:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    if head_dim <= 128:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    if arch >= 90:
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}  # Ampere's mma.sync needs more registers
 
 
 TUNING_SPACE = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
@@ -271,7 +276,7 @@ def prefill_attention(
         if forced is None and _runtime.AUTOTUNE:
             kernel, config = _autotuned, {}
         else:
-            kernel, config = _prefill_kernel, forced or default_config(head_dim, q.dtype)
+            kernel, config = _prefill_kernel, forced or default_config(head_dim, q.dtype, _runtime.arch(q.device))
         kernel[grid](
             q,
             k,
