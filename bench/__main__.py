@@ -1,4 +1,4 @@
-"""``python -m bench prefill|decode|all [--smoke] [--quick] [--out FILE] [shape options]``
+"""``python -m bench prefill|decode|extend|all [--smoke] [--quick] [--out FILE] [shape options]``
 
 Measures the device's ceilings, then our kernels and their peers on every shape of the sweep, writing the JSON
 results file after every measurement and printing a table at the end. See ``bench/NOTES.md``.
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Microbenchmarks of phaseattn's kernels against PyTorch SDPA and FlexAttention, with the "
         "device's ceilings measured in the same run.",
     )
-    p.add_argument("what", choices=("prefill", "decode", "all"))
+    p.add_argument("what", choices=("prefill", "decode", "extend", "all"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the interpreter (not performance)")
     p.add_argument("--quick", action="store_true", help="only the headline shapes the README quotes")
     p.add_argument("--out", type=Path, help="results file (default: bench/results/<device>-<date>.json)")
@@ -110,14 +110,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_cases(args: argparse.Namespace) -> list:
-    """Headline shapes first, then the sweep; for ``all`` the two phases alternate so that a time budget leaves
-    both covered. A sweep shape equal to a headline shape is run once."""
-    from bench import decode, prefill
+    """Headline shapes first, then the sweep; for ``all`` the phases alternate so that a time budget leaves
+    each covered. A sweep shape equal to a headline shape is run once."""
+    from bench import decode, extend, prefill
 
     smoke = args.smoke
-    phases = ("prefill", "decode") if args.what == "all" else (args.what,)
+    phases = ("prefill", "decode", "extend") if args.what == "all" else (args.what,)
     heads = args.heads
-    lists = {"prefill": [], "decode": []}
+    lists = {"prefill": [], "decode": [], "extend": []}
     if "prefill" in phases:
         lists["prefill"] = prefill.headline(smoke)
         if not args.quick:
@@ -142,8 +142,14 @@ def build_cases(args: argparse.Namespace) -> list:
                 kv_dtypes=args.kv_dtypes or tuple(decode.KV_DTYPES),
                 heads=heads or (decode.SMOKE_HEADS if smoke else decode.DEFAULT_HEADS),
             )
+    if "extend" in phases:
+        lists["extend"] = extend.headline(smoke)
+        if not args.quick and not smoke:
+            lists["extend"] += extend.cases(heads=(heads or (extend.HEADS,))[0])
     merged, seen = [], set()
-    for case in itertools.chain.from_iterable(itertools.zip_longest(lists["prefill"], lists["decode"])):
+    for case in itertools.chain.from_iterable(
+        itertools.zip_longest(lists["prefill"], lists["decode"], lists["extend"])
+    ):
         if case is not None and case.key not in seen:
             seen.add(case.key)
             merged.append(case)

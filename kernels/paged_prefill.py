@@ -156,6 +156,26 @@ def launch_config(max_seqlen_q: int, group: int, head_dim: int, dtype: torch.dty
     return {"BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
 
 
+def plan_num_splits(
+    batch: int,
+    max_seqlen_q: int,
+    longest: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    window: int | None = None,
+) -> int:
+    """The split-KV factor ``num_splits=None`` picks, from host-side numbers only (an engine can plan it once
+    per step and pass it, making the launch sync-free): decode's rule (:func:`kernels.decode.choose_num_splits`)
+    with batch × query tiles programs per KV head, and the keys one query tile sees as the context."""
+    config = launch_config(max_seqlen_q, num_q_heads // num_kv_heads, head_dim, dtype)
+    q_tiles = triton.cdiv(max_seqlen_q, config["BLOCK_Q"])
+    context = longest if window is None else min(longest, window + config["BLOCK_Q"])
+    return choose_num_splits(batch * q_tiles, num_kv_heads, context, _runtime.sm_count(device))
+
+
 def _check_values(
     layout: _paged.CacheLayout,
     block_table: torch.Tensor,
@@ -292,8 +312,9 @@ def paged_prefill_attention(
     config = launch_config(max_seqlen_q, group, head_dim, q.dtype)
     q_tiles = triton.cdiv(max_seqlen_q, config["BLOCK_Q"])
     if num_splits is None:
-        context = longest if window is None else min(longest, window + max_seqlen_q)
-        num_splits = choose_num_splits(batch * q_tiles, layout.num_kv_heads, context, _runtime.sm_count(q.device))
+        num_splits = plan_num_splits(
+            batch, max_seqlen_q, longest, num_q_heads, layout.num_kv_heads, head_dim, q.dtype, q.device, window
+        )
 
     out = _runtime.empty((total_q, num_q_heads, head_dim), q.dtype, q.device)
     lse = _runtime.empty((total_q, num_q_heads) if return_lse else (1,), torch.float32, q.device)
