@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from bench import peers, timing
-from bench.results import not_measured, shape_label
-from bench.runner import Contender, RunContext, run_all
+from bench.runner import Contender, RunContext, case_meta, run_all, skip_all
 from disagg import roofline
 
 DTYPE = torch.bfloat16
@@ -97,11 +96,11 @@ class ExtendCase:
         contenders = ["phaseattn", *(p for p in peers.SDPA_BACKENDS if p in ctx.peers)]
         contenders += ["flex"] if "flex" in ctx.peers else []
         if not hasattr(kernels, "paged_prefill_attention"):
-            return self._skip_all(ctx, contenders, "kernels.paged_prefill_attention is not in this checkout")
+            return skip_all(ctx, self, contenders, "kernels.paged_prefill_attention is not in this checkout")
         sets = timing.rotation_sets(int(self.nbytes), ctx.l2_bytes)
         if self.memory(sets) > ctx.memory_budget:
             why = f"needs {self.memory(sets) / 2**30:.1f} GiB of device memory, budget {ctx.memory_budget / 2**30:.1f}"
-            return self._skip_all(ctx, contenders, why)
+            return skip_all(ctx, self, contenders, why)
         cache = self._fill(ctx, sets)
         splits = self._plan_splits(ctx)
         ours = Contender(
@@ -134,7 +133,7 @@ class ExtendCase:
             peer_list.append(
                 peers.flex(dense, causal=True, seqlen_q=n, seqlen_k=self.context, device=ctx.device, layout=packed)
             )
-        entries, _ = run_all(ctx, [ours, *peer_list], **self._meta())
+        entries, _ = run_all(ctx, [ours, *peer_list], **case_meta(self))
         return entries
 
     def _plan_splits(self, ctx: RunContext) -> int:
@@ -143,21 +142,6 @@ class ExtendCase:
         return paged_prefill.plan_num_splits(
             self.batch, self.new, self.context, self.q_heads, self.kv_heads, self.head_dim, DTYPE, ctx.device
         )
-
-    def _meta(self) -> dict:
-        return {"phase": self.phase, "tier": self.tier, "shape": self.shape, "flops": self.flops, "nbytes": self.nbytes}
-
-    def _skip_all(self, ctx: RunContext, names: list[str], why: str) -> list[dict]:
-        entries = []
-        for name in names:
-            kind = "ours" if name == "phaseattn" else "peer"
-            entry = not_measured(
-                self.phase, name, kind, self.shape, self.flops, self.nbytes, f"skipped: {why}", tier=self.tier
-            )
-            ctx.results.add(entry)
-            entries.append(entry)
-        ctx.log(f"extend  {shape_label(self.phase, self.shape)}: skipped: {why}")
-        return entries
 
     def _fill(self, ctx: RunContext, sets: int) -> dict:
         """``sets`` × batch sequences of prefix + new tokens in a shuffled pool, written with write_kv_cache."""
