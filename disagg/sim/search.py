@@ -85,8 +85,12 @@ class Search:
     def best_so_far(self, kind: type) -> Plan | None:
         """The cheapest deployment of class ``kind`` (``Colocated`` or ``Disaggregated``) among those simulated so
         far that meets the target: what an interrupted search has found."""
-        met = [d for d, s in self.trials.items() if isinstance(d, kind) and s.attainment >= self.target.attainment]
-        return min((self.plan(d) for d in met), key=_rank, default=None)
+        plans = [
+            Plan(d, s, cost_per_million(d.hourly_cost, self.target.rate))
+            for d, s in list(self.trials.items())
+            if isinstance(d, kind) and s.attainment >= self.target.attainment
+        ]
+        return min(plans, key=_rank, default=None)
 
     def meets(self, deployment: Deployment) -> bool:
         return self.evaluate(deployment).attainment >= self.target.attainment
