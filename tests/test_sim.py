@@ -34,7 +34,7 @@ from disagg.sim import (
     simulate,
 )
 from disagg.sim import __main__ as cli
-from disagg.sim.costs import ROOFLINE, CostModel
+from disagg.sim.costs import ROOFLINE
 from disagg.sim.devices import DEFAULT
 from disagg.sim.links import Link
 from disagg.sim.search import Search, Target, requests_for
@@ -88,7 +88,9 @@ def test_step_costs_by_hand():
     assert c.step(0, 0) == 0.0
     # Efficiencies derate: half the decode efficiency doubles the (bandwidth-bound) decode attention time.
     slow = Device("slow", 1e12, 1e11, 1e6, 1.0, WIRE, efficiency=Efficiency(1.0, 1.0, 0.5))
-    assert StepCost(TOY, slow, terms=ROOFLINE).decode_attention(2, 30) == pytest.approx(2 * c.decode_attention(2, 30), rel=1e-12)
+    assert StepCost(TOY, slow, terms=ROOFLINE).decode_attention(2, 30) == pytest.approx(
+        2 * c.decode_attention(2, 30), rel=1e-12
+    )
     # Memory: 90% of what 1 MB leaves after the weights (incl. embedding and LM head), in 256-byte tokens.
     weights = 2 * (2 * (64 * 16 * 12 + 3 * 64 * 128 + 2 * 64) + 2 * 1000 * 64)
     assert c.kv_capacity_tokens(0.9) == int(0.9 * (1e6 - weights) // KV_PER_TOKEN)
