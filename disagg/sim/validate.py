@@ -111,21 +111,17 @@ def trtllm_bench_limits(
     free = tp * dev.memory - model.params * dtype_bytes
     raw_bs = min(0.95 * free / (kv_per_token * (isl + osl)), 4096)
     raw_tokens = min(raw_bs * (1 + isl / osl), 32768)
-    if raw_bs < 256:
-        batch = max(64, 32 * math.ceil(raw_bs / 32))
-    elif raw_bs < 1024:
-        batch = 128 * math.ceil(raw_bs / 128)
-    else:
-        batch = 256 * math.ceil(raw_bs / 256)
-    if raw_tokens < 4096:
-        tokens = max(2048, 256 * math.ceil(raw_tokens / 256))
-    elif raw_tokens < 8192:
-        tokens = 512 * math.ceil(raw_tokens / 512)
-    else:
-        tokens = 1024 * math.ceil(raw_tokens / 1024)
+    batch = max(64, _round_up(raw_bs, ((256, 32), (1024, 128)), 256))
+    tokens = max(2048, _round_up(raw_tokens, ((4096, 256), (8192, 512)), 1024))
     # Chunked prefill is off by default, so trtllm-bench raises max num tokens to fit a whole prompt beside a full
     # batch of decodes (bench/benchmark/utils/general.py, get_settings).
     return batch, max(tokens, isl + batch)
+
+
+def _round_up(x: float, rungs: tuple[tuple[int, int], ...], step: int) -> int:
+    """``x`` rounded up to a multiple of the step of the first rung whose limit it is below, else of ``step``."""
+    step = next((s for limit, s in rungs if x < limit), step)
+    return step * math.ceil(x / step)
 
 
 def load(path: str | os.PathLike = DATA) -> dict:
