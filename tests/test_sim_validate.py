@@ -11,7 +11,7 @@ from disagg.sim import __main__ as cli
 from disagg.sim.costs import KERNELS_PER_LAYER, KERNELS_PER_STEP, ROOFLINE, CostModel
 from disagg.sim.devices import device
 from disagg.sim.metrics import throughput
-from disagg.sim.validate import load, trtllm_bench_limits, validate
+from disagg.sim.validate import HELD_OUT, load, trtllm_bench_limits, validate
 from tests.test_sim import KV_PER_TOKEN, ROUND, TOY, WIRE
 
 # ROUND with fp8 tensor cores at twice its bf16 rate, as H100/H200 have.
@@ -143,6 +143,13 @@ def test_validation_against_the_published_table():
     assert v.median_abs_error <= 0.10
     assert v.max_abs_error <= 0.25
     assert sum(abs(r.error) > 0.20 for r in v.rows) <= 1
+
+
+def test_validation_generalises_to_a_held_out_table():
+    # Llama-3.3-70B on one H200 and on two H100s in tensor parallelism: rows no default was chosen on.
+    v = validate(HELD_OUT)
+    assert len(v.rows) == 20
+    assert v.median_abs_error <= 0.10 and v.max_abs_error <= 0.20
 
 
 def test_cli_throughput_validate_and_interrupts(capsys, monkeypatch):
