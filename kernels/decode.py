@@ -221,7 +221,7 @@ def _check_lengths(layout: _paged.CacheLayout, block_table: torch.Tensor, seq_le
     if longest > width * page_size:
         raise ValueError(
             f"block_table is too narrow: {width} columns hold {width * page_size} tokens at page_size {page_size}, "
-            f"but the longest seq_len is {longest}"
+            f"but seq_lens holds a sequence of {longest}"
         )
     if longest > layout.num_slots:
         raise ValueError(
