@@ -267,21 +267,24 @@ def cmd_decode(args: argparse.Namespace) -> int:
     pool = make_pool(model, page_size=args.page_size, num_pages=args.num_pages, kv_dtype=KV_DTYPES[args.kv_dtype])
     stage = DecodeStage(model, pool, max_batch_size=args.max_batch_size)
     start = time.perf_counter()
-    order: list[str] = []
-    outputs: dict[str, RequestOutput] = {}
-    for path in files:
+    # One result per file, by position: a request id chosen by a file's author can never overwrite another
+    # file's result (the stage itself refuses a request id it already holds).
+    results: list[RequestOutput | None] = [None] * len(files)
+    file_of: dict[str, int] = {}
+    for i, path in enumerate(files):
         try:
-            order.append(stage.add(read_export_file(path)))
+            file_of[stage.add(read_export_file(path))] = i
         except EngineError as e:
-            order.append(path.name)
-            outputs[path.name] = RequestOutput(path.name, [], error=f"{path.name}: {e}")
+            results[i] = RequestOutput(path.name, [], error=f"{path.name}: {e}")
     with tqdm(unit="tok", disable=None, delay=1.0, leave=False) as bar:
         while stage.has_work:
             before = stage.metrics.decode_tokens
             for out in stage.step():
-                outputs[out.request_id] = out
+                results[file_of[out.request_id]] = out
             bar.update(stage.metrics.decode_tokens - before)
-    ordered = [outputs[i] for i in order]
+    ordered = [r for r in results if r is not None]
+    if len(ordered) != len(files):
+        raise RuntimeError("the decode stage returned no result for an export it accepted")  # a bug, not bad input
     metrics = {**stage.metrics.summary(ordered), "wall_time_s": time.perf_counter() - start}
     return _report(args, model, tokenizer, ordered, metrics)
 
