@@ -159,6 +159,16 @@ def default_out(env: dict, smoke: bool) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Ctrl-C exits 130 with one line; a results file already started keeps every measurement taken, with
+    status "interrupted"."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     # Both decided before kernels is imported: smoke runs always go through the interpreter on CPU.
     if args.smoke:
@@ -225,31 +235,38 @@ def main(argv: list[str] | None = None) -> int:
     status, not_run = "complete", 0
     # The bar shows on a terminal; captured output (disable=None: not a TTY) gets an [i/n] prefix per line instead.
     bar = tqdm(cases, desc="shapes", unit="shape", file=sys.stderr, mininterval=2.0, dynamic_ncols=True, disable=None)
-    for i, case in enumerate(bar):
-        ctx.log = lambda line, i=i: log(f"[{i + 1}/{len(cases)}] {line}")
-        ctx.peers = args.peers if case.tier == "headline" else sweep_peers
-        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
-            status, not_run = f"stopped: time budget of {args.budget_s:.0f} s reached", len(cases) - i
-            log(f"{status}; {not_run} shapes not run")
-            break
-        try:
-            case.run(ctx)
-        except Exception as exc:  # a failure in one shape's setup must not lose the rest of the run
-            file.add(
-                results.not_measured(
-                    case.phase,
-                    "phaseattn",
-                    "ours",
-                    case.shape,
-                    case.flops,
-                    case.nbytes,
-                    f"error: shape setup failed: {type(exc).__name__}: {exc}".splitlines()[0],
-                    tier=case.tier,
+    i = 0
+    try:
+        for i, case in enumerate(bar):
+            ctx.log = lambda line, i=i: log(f"[{i + 1}/{len(cases)}] {line}")
+            ctx.peers = args.peers if case.tier == "headline" else sweep_peers
+            if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+                status, not_run = f"stopped: time budget of {args.budget_s:.0f} s reached", len(cases) - i
+                log(f"{status}; {not_run} shapes not run")
+                break
+            try:
+                case.run(ctx)
+            except Exception as exc:  # a failure in one shape's setup must not lose the rest of the run
+                file.add(
+                    results.not_measured(
+                        case.phase,
+                        "phaseattn",
+                        "ours",
+                        case.shape,
+                        case.flops,
+                        case.nbytes,
+                        f"error: shape setup failed: {type(exc).__name__}: {exc}".splitlines()[0],
+                        tier=case.tier,
+                    )
                 )
-            )
-            log(f"{case.phase} {case.shape}: setup failed: {type(exc).__name__}: {exc}")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                log(f"{case.phase} {case.shape}: setup failed: {type(exc).__name__}: {exc}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        bar.close()
+        file.finish("interrupted", len(cases) - i)
+        print(f"interrupted: {i} of {len(cases)} shapes done; partial results in {out}", file=sys.stderr)
+        return 130
     bar.close()
     file.finish(status, not_run)
 
