@@ -159,16 +159,24 @@ def default_out(env: dict, smoke: bool) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Ctrl-C exits 130 with one line; a results file already started keeps every measurement taken, with
-    status "interrupted"."""
+    """Ctrl-C exits 130 with one line; a results file already started keeps every measurement taken, with status
+    "interrupted"."""
+    progress: dict = {}  # "file", "cases", "done", filled in as the run gets there
     try:
-        return _main(argv)
+        return _main(argv, progress)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if "file" not in progress:
+            print("interrupted", file=sys.stderr)
+        else:
+            cases, done = progress.get("cases", 0), progress.get("done", 0)
+            progress["file"].finish("interrupted", cases - done)
+            print(
+                f"interrupted after {done} of {cases} shapes; partial results: {progress['file'].path}", file=sys.stderr
+            )
         return 130
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, progress: dict) -> int:
     args = parse_args(argv)
     # Both decided before kernels is imported: smoke runs always go through the interpreter on CPU.
     if args.smoke:
@@ -200,7 +208,7 @@ def _main(argv: list[str] | None) -> int:
     env = results.environment(device, kernels.INTERPRET, args.commit)
     out = args.out or default_out(env, args.smoke)
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    file = results.ResultsFile(out, command=command, env=env, smoke=args.smoke)
+    file = progress["file"] = results.ResultsFile(out, command=command, env=env, smoke=args.smoke)
     if args.smoke:
         log(results.SMOKE_NOTICE)
     log(f"device: {env['device_name']}; results: {out}")
@@ -231,42 +239,37 @@ def _main(argv: list[str] | None) -> int:
     )
 
     cases = build_cases(args)
+    progress["cases"] = len(cases)
     sweep_peers = args.peers if args.sweep_peers is None else args.sweep_peers
     status, not_run = "complete", 0
     # The bar shows on a terminal; captured output (disable=None: not a TTY) gets an [i/n] prefix per line instead.
     bar = tqdm(cases, desc="shapes", unit="shape", file=sys.stderr, mininterval=2.0, dynamic_ncols=True, disable=None)
-    i = 0
-    try:
-        for i, case in enumerate(bar):
-            ctx.log = lambda line, i=i: log(f"[{i + 1}/{len(cases)}] {line}")
-            ctx.peers = args.peers if case.tier == "headline" else sweep_peers
-            if args.budget_s is not None and time.monotonic() - start > args.budget_s:
-                status, not_run = f"stopped: time budget of {args.budget_s:.0f} s reached", len(cases) - i
-                log(f"{status}; {not_run} shapes not run")
-                break
-            try:
-                case.run(ctx)
-            except Exception as exc:  # a failure in one shape's setup must not lose the rest of the run
-                file.add(
-                    results.not_measured(
-                        case.phase,
-                        "phaseattn",
-                        "ours",
-                        case.shape,
-                        case.flops,
-                        case.nbytes,
-                        f"error: shape setup failed: {type(exc).__name__}: {exc}".splitlines()[0],
-                        tier=case.tier,
-                    )
+    for i, case in enumerate(bar):
+        progress["done"] = i
+        ctx.log = lambda line, i=i: log(f"[{i + 1}/{len(cases)}] {line}")
+        ctx.peers = args.peers if case.tier == "headline" else sweep_peers
+        if args.budget_s is not None and time.monotonic() - start > args.budget_s:
+            status, not_run = f"stopped: time budget of {args.budget_s:.0f} s reached", len(cases) - i
+            log(f"{status}; {not_run} shapes not run")
+            break
+        try:
+            case.run(ctx)
+        except Exception as exc:  # a failure in one shape's setup must not lose the rest of the run
+            file.add(
+                results.not_measured(
+                    case.phase,
+                    "phaseattn",
+                    "ours",
+                    case.shape,
+                    case.flops,
+                    case.nbytes,
+                    f"error: shape setup failed: {type(exc).__name__}: {exc}".splitlines()[0],
+                    tier=case.tier,
                 )
-                log(f"{case.phase} {case.shape}: setup failed: {type(exc).__name__}: {exc}")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-    except KeyboardInterrupt:
-        bar.close()
-        file.finish("interrupted", len(cases) - i)
-        print(f"interrupted: {i} of {len(cases)} shapes done; partial results in {out}", file=sys.stderr)
-        return 130
+            )
+            log(f"{case.phase} {case.shape}: setup failed: {type(exc).__name__}: {exc}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     bar.close()
     file.finish(status, not_run)
 

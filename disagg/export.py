@@ -215,8 +215,11 @@ def read_export(data: bytes, model: CausalLM, pool: KVPool) -> KVExport:
 def write_export(path: Path, data: bytes) -> None:
     """Write atomically (temporary file, then rename), so a crash never leaves a partial export behind."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror}") from None
 
 
 def read_export_file(path: Path) -> bytes:

@@ -5,6 +5,7 @@ Public API:
     write_kv_cache           scatter new K/V into a paged cache (num_pages, page_size, kv_heads, head_dim); fp8
     paged_decode_attention   one query token per sequence over its paged KV cache (GQA, split-KV, fp8 KV)
     merge_attention_states   exact combine of two partial attentions over disjoint key sets, through their LSEs
+    HEAD_DIMS                the head dims the attention kernels support
 
 The kernels run compiled on CUDA tensors when a CUDA device is present, and in Triton's interpreter on CPU
 tensors otherwise (``TRITON_INTERPRET`` set by the user wins). See :mod:`kernels._runtime`.
@@ -15,6 +16,7 @@ environment without it.
 
 from kernels import _runtime
 from kernels._runtime import INTERPRET, debug_enabled, set_debug
+from kernels._validate import HEAD_DIMS
 
 if _runtime.INTERPRET:
     from kernels import _interpreter_fixes
@@ -27,6 +29,7 @@ from kernels.merge import merge_attention_states
 from kernels.prefill import prefill_attention
 
 __all__ = [
+    "HEAD_DIMS",
     "INTERPRET",
     "debug_enabled",
     "merge_attention_states",
