@@ -100,8 +100,12 @@ def positive_finite(name: str, value: object) -> None:
     """A positive, finite Python number (not a bool): scales and caps; inf and nan would make every output NaN."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int beyond float range
+        as_float = math.inf
+    if not (as_float > 0 and math.isfinite(as_float)):
+        raise ValueError(f"{name} must be positive and finite, got {value!r:.40}")
 
 
 def positive_float(name: str, value: float | None) -> None:

@@ -198,7 +198,7 @@ NON_FINITE = [math.inf, -math.inf, math.nan]
 
 @pytest.mark.parametrize("kernel", ["prefill_attention", "paged_decode_attention"])
 @pytest.mark.parametrize("option", ["sm_scale", "softcap"])
-@pytest.mark.parametrize("value", [*NON_FINITE, 0.0, -1.0, True, "1.0", [1.0]])
+@pytest.mark.parametrize("value", [*NON_FINITE, 10**400, 0.0, -1.0, True, "1.0", [1.0]])
 def test_scales_must_be_positive_finite_numbers(no_launch, kernel, option, value):
     fn, args = _all_calls(torch.Generator().manual_seed(2))[kernel]
     error = TypeError if isinstance(value, (bool, str, list)) else ValueError
