@@ -8,6 +8,7 @@ verification), with attention sinks. Runs compiled on a GPU or through Triton's 
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -82,4 +83,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the lines printed so far are the partial results
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
