@@ -1,0 +1,64 @@
+"""Running one scheduled step: one model forward over its decode rows and prompt chunks, then sampling.
+
+:func:`run_step` packs the :class:`~disagg.scheduler.Step`'s tokens (decode rows first, then chunks), prepares
+the attention metadata once (:meth:`disagg.attention.StepBatch.build`), runs the model, samples the next token of
+every decode row and of every chunk that completes its prompt (its first token, index 0), and advances the
+sequences: ``num_computed`` moves past the tokens whose K/V were written, and pages those tokens completed are
+published to the prefix cache. Nothing is published or advanced when the forward fails.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from disagg.attention import StepBatch
+from disagg.metrics import Metrics
+from disagg.model import CausalLM
+from disagg.sampling import sample
+from disagg.scheduler import Scheduler, Sequence, Step
+
+
+def run_step(
+    model: CausalLM, scheduler: Scheduler, step: Step, metrics: Metrics, *, num_splits: int | None = None
+) -> list[Sequence]:
+    """Run ``step``; returns the sequences that got a new token (decode rows, and chunks that finished their
+    prompt: their first token), in row order. Records tokens and time into ``metrics``."""
+    start = time.perf_counter()
+    device = model.device
+    ids = [s.output_ids[-1] for s in step.decode]
+    for seq, a, b in step.chunks:
+        ids += seq.prompt_ids[a:b]
+    batch = StepBatch.build(
+        scheduler.pool,
+        [(s.key, s.num_computed) for s in step.decode],
+        [(s.key, a, b) for s, a, b in step.chunks],
+        num_splits=num_splits,
+    )
+    hidden = model(torch.tensor(ids, dtype=torch.int64, device=device), batch.positions, batch)
+    rows, seqs, indices = list(range(len(step.decode))), list(step.decode), [len(s.output_ids) for s in step.decode]
+    offset = len(step.decode)
+    for seq, a, b in step.chunks:
+        offset += b - a
+        if b == len(seq.prompt_ids):
+            rows.append(offset - 1)
+            seqs.append(seq)
+            indices.append(0)
+    tokens = []
+    if rows:
+        logits = model.logits(hidden[torch.tensor(rows, device=device)])
+        tokens = sample(logits, [s.sampling for s in seqs], indices)
+    now = time.perf_counter()
+
+    for seq in step.decode:
+        seq.num_computed += 1
+    for seq, a, b in step.chunks:
+        seq.num_computed = b
+        scheduler.publish(seq, a, b)
+    for seq, token in zip(seqs, tokens, strict=True):
+        seq.output_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time, seq.ttft_s = now, now - seq.arrival
+    metrics.record_step(now - start, decode_rows=len(step.decode), prompt_tokens=sum(b - a for _, a, b in step.chunks))
+    return seqs
