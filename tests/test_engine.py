@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from disagg import tiny
-from disagg.attention import PrefillBatch
+from disagg.attention import StepBatch
 from disagg.decode import DecodeStage
 from disagg.engine import Engine, make_pool
 from disagg.export import read_export_file, write_export
@@ -56,10 +56,8 @@ def test_greedy_decode_agrees_with_prefill_of_the_whole_sequence(model, referenc
         seq = o.prompt_ids + o.output_ids[:-1]
         pool = make_pool(model, num_pages=4)
         pool.allocate("s", len(seq))
-        batch = PrefillBatch(
-            pool, torch.tensor([0, len(seq)], dtype=torch.int32), len(seq), pool.slots("s", 0, len(seq))
-        )
-        logits = model.logits(model(torch.tensor(seq), torch.arange(len(seq)), batch))
+        batch = StepBatch.build(pool, chunks=[("s", 0, len(seq))])
+        logits = model.logits(model(torch.tensor(seq), batch.positions, batch))
         assert logits[len(o.prompt_ids) - 1 :].argmax(-1).tolist() == o.output_ids
 
 
