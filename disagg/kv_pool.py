@@ -134,9 +134,14 @@ class KVPool:
         return pages
 
     def can_allocate(self, num_tokens: int, prefix: Sequence[bytes] = ()) -> bool:
+        need, available = self._need(num_tokens, prefix)
+        return need <= available
+
+    def _need(self, num_tokens: int, prefix: Sequence[bytes]) -> tuple[int, int]:
+        """(fresh pages an allocation needs, pages it can get besides the cached ones it shares)."""
         shared = self.cached_prefix(prefix[: self.pages_for(num_tokens)])
         idle_shared = sum(1 for p in shared if self._refs[p] == 0)
-        return self.pages_for(num_tokens) - len(shared) <= self.num_free_pages - idle_shared
+        return self.pages_for(num_tokens) - len(shared), self.num_free_pages - idle_shared
 
     def allocate(self, seq: Hashable, num_tokens: int, prefix: Sequence[bytes] = ()) -> int:
         """Give ``seq`` the pages for ``num_tokens`` tokens, all or none: first the cached pages of the longest chain
@@ -146,13 +151,13 @@ class KVPool:
         check_count("num_tokens", num_tokens, 0)
         if seq in self._tables:
             raise ValueError(f"sequence {seq!r} already holds pages")
-        need = self.pages_for(num_tokens)
-        shared = self.cached_prefix(prefix[:need])
-        if not self.can_allocate(num_tokens, prefix):
-            raise PoolFullError(f"{need - len(shared)} pages needed, {self.num_free_pages} of {self.num_pages} free")
+        fresh, available = self._need(num_tokens, prefix)
+        if fresh > available:
+            raise PoolFullError(f"{fresh} pages needed, {available} of {self.num_pages} free")
+        shared = self.cached_prefix(prefix[: self.pages_for(num_tokens)])
         for page in shared:
             self._ref(page)
-        table = shared + [self._fresh() for _ in range(need - len(shared))]
+        table = shared + [self._fresh() for _ in range(fresh)]
         for page in table[len(shared) :]:
             self._refs[page] = 1
         self._tables[seq] = table
