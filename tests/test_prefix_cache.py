@@ -52,7 +52,7 @@ def test_shared_pages_are_reference_counted_and_cached_pages_count_as_free():
     names, shared = cache(pool, "a", tokens)
     assert shared == 0 and pool.num_cached_pages == 2
     # b starts with the same 16 tokens: shares a's two pages, gets one fresh page
-    _, shared = cache(pool, "b", tokens[:16] + [5, 5, 5])
+    _, shared = cache(pool, "b", [*tokens[:16], 5, 5, 5])
     assert shared == 2 and pool.pages("b")[:2] == pool.pages("a")[:2]
     assert pool.pages("b")[2] != pool.pages("a")[2]
     assert pool.num_free_pages == 2
