@@ -26,11 +26,6 @@ import torch
 import kernels
 from disagg.kv_pool import KVPool
 
-if hasattr(kernels, "paged_prefill_attention"):
-    _paged_prefill_attention = kernels.paged_prefill_attention
-else:  # TEMPORARY until branch `paged` (issue #12) is merged
-    from disagg._paged_prefill_standin import paged_prefill_attention as _paged_prefill_attention
-
 
 @dataclass
 class StepBatch:
@@ -115,7 +110,7 @@ class StepBatch:
             )
         if self.chunk_block_table is not None:
             parts.append(
-                _paged_prefill_attention(
+                kernels.paged_prefill_attention(
                     q[n:],
                     *caches,
                     self.chunk_block_table,
