@@ -121,6 +121,12 @@ def test_greedy_tokens_match_transformers(checkpoints, arch):
     assert tokenizer is None
     outputs = Engine(model, page_size=8).generate(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS))
     assert [o.output_ids for o in outputs] == continuations
+    # colocated, prompts in chunks of 8 (Mistral's window of 6 spans chunk edges), then again from the prefix cache
+    engine = Engine(model, mode="colocated", page_size=8, max_batch_tokens=8)
+    for cached in ([0, 0], [16, 8]):
+        outputs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS))
+        assert [o.output_ids for o in outputs] == continuations
+        assert [o.cached_tokens for o in outputs] == cached
 
 
 def test_sharded_checkpoint_with_tokenizer(checkpoints, tmp_path):
