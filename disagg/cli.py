@@ -35,7 +35,7 @@ from disagg.decode import DecodeStage
 from disagg.engine import MODES, Engine, make_pool
 from disagg.errors import EngineError
 from disagg.export import read_export_file, write_export
-from disagg.kv_pool import PAGE_SIZES
+from disagg.kv_pool import PAGE_SIZES, KVPool
 from disagg.loader import load_model
 from disagg.prefill import PrefillStage
 from disagg.request import Request, RequestOutput, SamplingParams
@@ -249,6 +249,12 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _pool(args: argparse.Namespace, model) -> KVPool:
+    """The pool of a one-stage command (``prefill``, ``decode``)."""
+    kv_dtype, cache = KV_DTYPES[args.kv_dtype], not args.no_prefix_cache
+    return make_pool(model, page_size=args.page_size, num_pages=args.num_pages, kv_dtype=kv_dtype, prefix_cache=cache)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if args.prefill_ranks is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if args.mode == "colocated":
@@ -302,13 +308,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_prefill(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     requests = _requests(args, tokenizer)
-    pool = make_pool(
-        model,
-        page_size=args.page_size,
-        num_pages=args.num_pages,
-        kv_dtype=KV_DTYPES[args.kv_dtype],
-        prefix_cache=not args.no_prefix_cache,
-    )
+    pool = _pool(args, model)
     stage = PrefillStage(model, pool, max_batch_tokens=args.max_batch_tokens)
     if args.export_dir.is_dir() and any(args.export_dir.glob("*.safetensors")):
         raise EngineError(f"{args.export_dir} already holds *.safetensors files: give an empty or new directory")
@@ -347,13 +347,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     files = sorted(args.import_dir.glob("*.safetensors"))
     if not files:
         raise EngineError(f"no *.safetensors exports in {args.import_dir}")
-    pool = make_pool(
-        model,
-        page_size=args.page_size,
-        num_pages=args.num_pages,
-        kv_dtype=KV_DTYPES[args.kv_dtype],
-        prefix_cache=not args.no_prefix_cache,
-    )
+    pool = _pool(args, model)
     stage = DecodeStage(model, pool, max_batch_size=args.max_batch_size)
     start = time.perf_counter()
     order: list[str] = []

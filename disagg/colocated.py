@@ -20,16 +20,16 @@ import time
 from itertools import count
 
 from disagg.errors import RequestError
-from disagg.kv_pool import KVPool, check_count
+from disagg.kv_pool import KVPool
 from disagg.metrics import Metrics
 from disagg.model import CausalLM
 from disagg.prefill import check_budget, check_request
 from disagg.request import Request, RequestOutput
-from disagg.runner import run_step
-from disagg.scheduler import Scheduler, Sequence, reserved_tokens, to_output
+from disagg.runner import GeneratingStage
+from disagg.scheduler import Sequence, reserved_tokens, to_output
 
 
-class ColocatedStage:
+class ColocatedStage(GeneratingStage):
     """Serve requests with ``model`` from one ``pool``: at most ``max_batch_size`` sequences at once and
     ``max_batch_tokens`` prompt tokens per step (None: no limit); ``num_splits`` as in :class:`DecodeStage`."""
 
@@ -43,19 +43,15 @@ class ColocatedStage:
         num_splits: int | None = None,
         metrics: Metrics | None = None,
     ):
-        check_count("max_batch_size", max_batch_size, 1)
-        self.model, self.pool = model, pool
-        self.num_splits = None if num_splits is None else check_count("num_splits", num_splits, 1)
-        self.metrics = metrics if metrics is not None else Metrics()
-        self.scheduler = Scheduler(
-            pool, max_batch_tokens=check_budget(max_batch_tokens), max_batch_size=max_batch_size, decode=True
+        super().__init__(
+            model,
+            pool,
+            max_batch_tokens=check_budget(max_batch_tokens),
+            max_batch_size=max_batch_size,
+            num_splits=num_splits,
+            metrics=metrics,
         )
-        self._done: list[RequestOutput] = []
         self._keys = count()
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.scheduler.has_work or self._done)
 
     def add(self, request: Request) -> None:
         """Queue a request (its arrival time is now). Raises RequestError (TypeError for a non-Request), queueing
@@ -76,20 +72,3 @@ class ColocatedStage:
             return None
         self.scheduler.remove(seq)
         return to_output(seq, "aborted", time.perf_counter())
-
-    def abort_all(self) -> None:
-        self.scheduler.clear()
-        self._done = []
-
-    def step(self) -> list[RequestOutput]:
-        """Run one mixed step. Returns the requests that finished."""
-        step = self.scheduler.schedule()
-        done, self._done = self._done, []
-        if not step:
-            return done
-        seqs = run_step(self.model, self.scheduler, step, self.metrics, num_splits=self.num_splits)
-        for seq in seqs:
-            if len(seq.output_ids) == 1:  # its prompt is done
-                self.metrics.prompt_tokens += len(seq.prompt_ids)
-                self.metrics.cached_tokens += seq.cached_tokens
-        return done + self.scheduler.retire(seqs, self.model.config.max_position_embeddings)

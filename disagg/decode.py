@@ -34,13 +34,13 @@ from disagg.kv_pool import KVPool, check_count
 from disagg.metrics import Metrics
 from disagg.model import CausalLM
 from disagg.request import RequestOutput
-from disagg.runner import run_step
-from disagg.scheduler import Scheduler, Sequence, finish_reason, reserved_tokens, to_output
+from disagg.runner import GeneratingStage
+from disagg.scheduler import Sequence, finish_reason, reserved_tokens, to_output
 
 __all__ = ["DecodeStage", "reserved_tokens"]
 
 
-class DecodeStage:
+class DecodeStage(GeneratingStage):
     """Decode with ``model`` from ``pool``, at most ``max_batch_size`` sequences per step.
 
     ``num_splits`` is passed to ``paged_decode_attention`` (None: the kernel picks the split-KV factor).
@@ -55,24 +55,11 @@ class DecodeStage:
         metrics: Metrics | None = None,
         num_splits: int | None = None,
     ):
-        check_count("max_batch_size", max_batch_size, 1)
-        self.model, self.pool, self.max_batch_size = model, pool, max_batch_size
-        self.num_splits = None if num_splits is None else check_count("num_splits", num_splits, 1)
-        self.metrics = metrics if metrics is not None else Metrics()
-        self.scheduler = Scheduler(
-            pool, max_batch_tokens=None, max_batch_size=max_batch_size, decode=True, on_import=self._import
+        super().__init__(
+            model, pool, max_batch_tokens=None, max_batch_size=max_batch_size, num_splits=num_splits, metrics=metrics
         )
-        self._done: list[RequestOutput] = []
         self._reserved: dict[str, tuple[int, int]] = {}  # request id -> (pool key, tokens reserved)
         self._keys = count()
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.scheduler.has_work or self._done)
-
-    @property
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
 
     def add(self, data: bytes, *, first_token_time: float | None = None) -> str:
         """Verify export bytes and queue their request; returns its id. ``first_token_time`` (perf_counter) is
@@ -159,10 +146,9 @@ class DecodeStage:
     def abort_all(self) -> None:
         """Drop every request (reserved, waiting, running or finished but not yet returned), freeing all their
         pages."""
-        self.scheduler.clear()
+        super().abort_all()
         for request_id in list(self._reserved):
             self.release(request_id)
-        self._done = []
 
     def _import(self, seq: Sequence, shared: int) -> None:
         """Place ``seq``'s exported K/V into its pages, skipping leading pages the prefix cache supplies."""
@@ -179,12 +165,3 @@ class DecodeStage:
         self.scheduler.publish(seq, skip, n)
         self.metrics.kv_import_skipped_tokens += skip
         self.metrics.import_time_s += time.perf_counter() - start
-
-    def step(self) -> list[RequestOutput]:
-        """Admit, run one decode step, retire. Returns the requests that finished."""
-        step = self.scheduler.schedule()
-        done, self._done = self._done, []
-        if not step:
-            return done
-        seqs = run_step(self.model, self.scheduler, step, self.metrics, num_splits=self.num_splits)
-        return done + self.scheduler.retire(seqs, self.model.config.max_position_embeddings)

@@ -1,4 +1,5 @@
-"""Running one scheduled step: one model forward over its decode rows and prompt chunks, then sampling.
+"""Running one scheduled step: one model forward over its decode rows and prompt chunks, then sampling; and the
+loop of the stages that generate (:class:`GeneratingStage`, base of the decode stage and the colocated stage).
 
 :func:`run_step` packs the :class:`~disagg.scheduler.Step`'s tokens (decode rows first, then chunks), prepares
 the attention metadata once (:meth:`disagg.attention.StepBatch.build`), runs the model, samples the next token of
@@ -14,8 +15,10 @@ import time
 import torch
 
 from disagg.attention import StepBatch
+from disagg.kv_pool import KVPool, check_count
 from disagg.metrics import Metrics
 from disagg.model import CausalLM
+from disagg.request import RequestOutput
 from disagg.sampling import sample
 from disagg.scheduler import Scheduler, Sequence, Step
 
@@ -62,3 +65,57 @@ def run_step(
             seq.first_token_time, seq.ttft_s = now, now - seq.arrival
     metrics.record_step(now - start, decode_rows=len(step.decode), prompt_tokens=sum(b - a for _, a, b in step.chunks))
     return seqs
+
+
+class GeneratingStage:
+    """What the decode stage and the colocated stage share: a scheduler with decode rows, at most
+    ``max_batch_size`` sequences at once, and a step that runs, samples and retires finished requests.
+    ``num_splits`` is passed to ``paged_decode_attention`` (None: the kernel picks the split-KV factor)."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        pool: KVPool,
+        *,
+        max_batch_tokens: int | None,
+        max_batch_size: int,
+        num_splits: int | None,
+        metrics: Metrics | None,
+    ):
+        check_count("max_batch_size", max_batch_size, 1)
+        self.model, self.pool, self.max_batch_size = model, pool, max_batch_size
+        self.num_splits = None if num_splits is None else check_count("num_splits", num_splits, 1)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.scheduler = Scheduler(
+            pool, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, decode=True, on_import=self._import
+        )
+        self._done: list[RequestOutput] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.scheduler.has_work or self._done)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def _import(self, seq: Sequence, shared: int) -> None:
+        raise NotImplementedError  # only stages whose sequences arrive with an export import
+
+    def abort_all(self) -> None:
+        """Drop every request (waiting, running or finished but not yet returned), freeing all their pages."""
+        self.scheduler.clear()
+        self._done = []
+
+    def step(self) -> list[RequestOutput]:
+        """Admit, run one step, retire. Returns the requests that finished."""
+        step = self.scheduler.schedule()
+        done, self._done = self._done, []
+        if not step:
+            return done
+        seqs = run_step(self.model, self.scheduler, step, self.metrics, num_splits=self.num_splits)
+        for seq in seqs:
+            if len(seq.output_ids) == 1:  # its prompt was computed here and is done
+                self.metrics.prompt_tokens += len(seq.prompt_ids)
+                self.metrics.cached_tokens += seq.cached_tokens
+        return done + self.scheduler.retire(seqs, self.model.config.max_position_embeddings)
