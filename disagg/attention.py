@@ -14,6 +14,9 @@ the layer's new K/V into the pool with ``kernels.write_kv_cache`` and attends wi
 bottom-right aligned). A step holding both kinds (the colocated deployment's mixed step) launches both kernels per
 layer on disjoint row ranges, so a decode row is computed exactly as in a decode-only step and the two deployments
 agree token for token. Host-known lengths (``max_seqlen_q``, ``num_splits``) are passed so no layer syncs.
+
+Because the metadata is built once per step and every layer only reads it, this is also where per-step kernel
+planning (host work done once, then launch-only calls per layer) and persistent device block tables belong.
 """
 
 from __future__ import annotations

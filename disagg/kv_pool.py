@@ -30,7 +30,7 @@ from disagg.prefix_cache import PrefixCache, chain_hashes
 
 PAGE_SIZES = (8, 16, 32, 64, 128, 256)  # what the paged kernels accept
 FP8 = torch.float8_e4m3fn
-KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16, FP8)  # what the kernels read and write
+CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, FP8)  # what the kernels read and write
 
 
 def check_count(name: str, value: object, minimum: int) -> int:
@@ -73,8 +73,8 @@ class KVPool:
         check_count("num_pages", num_pages, 1)
         if page_size not in PAGE_SIZES or isinstance(page_size, bool):
             raise ValueError(f"page_size must be one of {PAGE_SIZES}, got {page_size!r}")
-        if dtype not in KV_DTYPES:
-            raise ValueError(f"dtype must be one of {[str(d) for d in KV_DTYPES]}, got {dtype!r}")
+        if dtype not in CACHE_DTYPES:
+            raise ValueError(f"dtype must be one of {[str(d) for d in CACHE_DTYPES]}, got {dtype!r}")
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]

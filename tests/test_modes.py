@@ -85,8 +85,7 @@ def test_greedy_tokens_do_not_depend_on_mode_chunks_or_cache(model, reference, m
 def test_sampled_tokens_do_not_depend_on_mode_chunks_or_cache(model):
     plain = Engine(model, page_size=8, max_batch_tokens=None, prefix_cache=False).generate(requests(SAMPLED))
     mixed = Engine(model, mode="colocated", page_size=8, max_batch_tokens=8).generate(requests(SAMPLED))
-    assert ids(plain) == ids(mixed) and mixed[1].cached_tokens == 16
-    assert ids(plain) != ids(Engine(model, page_size=8).generate(requests(GREEDY)))  # sampling does change them
+    assert ids(plain) == ids(mixed) and mixed[1].cached_tokens == 16  # (seeds matter: tests/test_engine.py)
 
 
 def test_cache_hits_across_generate_calls_and_clear(model, reference):
