@@ -137,7 +137,13 @@ def _start(args, layout: Layout, rank: int, device, payload_device, log) -> tupl
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
         requests = _requests(args, tokenizer)
-        pool = make_pool(model, page_size=page_size, num_pages=args.num_pages, kv_dtype=KV_DTYPES[args.kv_dtype])
+        pool = make_pool(
+            model,
+            page_size=page_size,
+            num_pages=args.num_pages,
+            kv_dtype=KV_DTYPES[args.kv_dtype],
+            prefix_cache=not args.no_prefix_cache,
+        )
     except EngineError as e:
         failure = e
     model_id = options = None
@@ -301,6 +307,7 @@ def _assemble(node: Rank, args, layout: Layout, payload_device, wall_s: float):
                 else "no rank reported it"
             )
             found[i] = RequestOutput(r.request_id, r.prompt_ids, error=f"request {i}: {why}")
+        found[i].cached_tokens = t.get("cached_tokens", found[i].cached_tokens)  # known to the prefill rank
         outputs.append(found[i])
         keys = ("decode_rank", "kv_transfer_bytes", "kv_transfer_s", "kv_transfer_bytes_per_s", "kv_ack_wait_s")
         row = {"prefill_rank": assignment[i], **{k: t.get(k) for k in keys}}

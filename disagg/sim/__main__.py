@@ -30,25 +30,9 @@ from disagg.sim.links import LINKS, link
 from disagg.sim.metrics import SLO, Summary, summarize
 from disagg.sim.search import Search, Target, instance_types
 from disagg.sim.validate import DATA, validate
-from disagg.sim.workload import Bursty, Fixed, LogNormal, Poisson, TraceLengths, Uniform, Workload
+from disagg.sim.workload import Bursty, Poisson, TraceLengths, Workload, length_dist
 
 MODELS = {m.name: m for m in (LLAMA3_8B, LLAMA3_70B)}
-
-
-def length_dist(spec: str) -> Fixed | Uniform | LogNormal:
-    """``fixed:N``, ``uniform:LOW,HIGH`` or ``lognormal:MEAN,SIGMA[,MAX]``."""
-    kind, _, args = spec.partition(":")
-    try:
-        values = [float(v) for v in args.split(",")] if args else []
-        if kind == "fixed" and len(values) == 1:
-            return Fixed(int(values[0]))
-        if kind == "uniform" and len(values) == 2:
-            return Uniform(int(values[0]), int(values[1]))
-        if kind == "lognormal" and len(values) in (2, 3):
-            return LogNormal(values[0], values[1], high=int(values[2]) if len(values) == 3 else None)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{spec!r}: {e}") from None
-    raise argparse.ArgumentTypeError(f"{spec!r}: expected fixed:N, uniform:LOW,HIGH or lognormal:MEAN,SIGMA[,MAX]")
 
 
 def model_shape(spec: str) -> ModelShape:
