@@ -5,6 +5,9 @@ Public API:
     write_kv_cache           scatter new K/V into a paged cache (num_pages, page_size, kv_heads, head_dim); fp8
     paged_decode_attention   one query token per sequence over its paged KV cache (GQA, split-KV, fp8 KV)
     merge_attention_states   exact combine of two partial attentions over disjoint key sets, through their LSEs
+    PagedDecodePlan, WriteKVPlan, Workspace
+                             plan once per step (host-side lengths: checks, split count, grid, workspace), run
+                             per layer (launch only): see kernels.plan
 
 The kernels run compiled on CUDA tensors when a CUDA device is present, and in Triton's interpreter on CPU
 tensors otherwise (``TRITON_INTERPRET`` set by the user wins). See :mod:`kernels._runtime`.
@@ -24,10 +27,14 @@ if _runtime.INTERPRET:
 from kernels.decode import paged_decode_attention
 from kernels.kv_cache import write_kv_cache
 from kernels.merge import merge_attention_states
+from kernels.plan import PagedDecodePlan, Workspace, WriteKVPlan
 from kernels.prefill import prefill_attention
 
 __all__ = [
     "INTERPRET",
+    "PagedDecodePlan",
+    "Workspace",
+    "WriteKVPlan",
     "debug_enabled",
     "merge_attention_states",
     "paged_decode_attention",
