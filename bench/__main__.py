@@ -109,7 +109,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("host (launch-path CPU cost)")
     g.add_argument("--calls", type=_positive_int, default=200, help="calls per timing round")
     g.add_argument("--rounds", type=_positive_int, default=7, help="timing rounds (the median is reported)")
-    g.add_argument("--engine-batches", type=_ints, default=(1, 64), help="decode batch sizes of the engine part")
+    g.add_argument(
+        "--engine-batches",
+        type=lambda text: () if text.strip() == "none" else _ints(text),
+        default=(1, 64),
+        help="decode batch sizes of the engine part, or 'none'",
+    )
     g.add_argument("--engine-layers", type=_positive_int, default=32, help="layers of the engine part's model")
     g.add_argument("--engine-steps", type=_positive_int, default=5, help="timed decode steps per batch size")
     g = p.add_argument_group("timing")

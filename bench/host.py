@@ -9,8 +9,8 @@ autotuner's cache lookup), plus the ``kernel[grid]`` proxy call.
 Two parts:
 
 - **per call**: each public launcher on the attention shape of Llama-3-8B (32 query / 8 KV heads, head_dim 128,
-  bf16, pages of 16), one-call API and, where a kernel has one, its plan/run API (the plan made once, ``run``
-  timed). Timed with the thread's CPU clock (``time.thread_time_ns``: other processes on a shared machine do not
+  bf16, pages of 16): the one-call API and, where a kernel has one, its plan/run API (``plan``: making the plan,
+  once per step; ``run``: one layer's call with it). Timed with the thread's CPU clock (``time.thread_time_ns``: other processes on a shared machine do not
   inflate it) and the wall clock; median over rounds of many calls.
 - **engine**: :class:`disagg.engine.Engine` decode steps of a 32-layer model with Llama-8B's attention geometry,
   kernels stubbed, batch 1 and 64: CPU time per step, and how much of it is spent inside ``kernels``' API. The
@@ -96,12 +96,29 @@ def _decode_inputs(batch: int, device: torch.device, gen: torch.Generator):
 def decode_case(batch: int, num_splits: int | None) -> Case:
     def make(device: torch.device) -> dict[str, Callable[[], Any]]:
         q, k_cache, v_cache, table, seq_lens = _decode_inputs(batch, device, torch.Generator().manual_seed(batch))
-        calls = {
+        lens = [CONTEXT] * batch
+
+        def make_plan():
+            return kernels.PagedDecodePlan(
+                k_cache,
+                v_cache,
+                lens,
+                num_q_heads=HQ,
+                q_dtype=q.dtype,
+                block_table_width=table.shape[1],
+                num_splits=num_splits,
+                workspace=workspace,
+            )
+
+        workspace = kernels.Workspace(device)
+        plan = make_plan()
+        return {
             "one-call": lambda: kernels.paged_decode_attention(
                 q, k_cache, v_cache, table, seq_lens, num_splits=num_splits
-            )
+            ),
+            "plan": make_plan,
+            "run": lambda: plan.run(q, k_cache, v_cache, table, seq_lens),
         }
-        return calls
 
     shape = {"batch": batch, "context": CONTEXT, "heads": f"{HQ}/{HKV}", "head_dim": HEAD_DIM, "page_size": PAGE}
     return Case("paged_decode_attention", {**shape, "num_splits": num_splits}, make)
@@ -133,7 +150,12 @@ def write_case(num_tokens: int) -> Case:
         k = torch.randn(num_tokens, HKV, HEAD_DIM, generator=gen).to(torch.bfloat16).to(device)
         v = torch.randn(num_tokens, HKV, HEAD_DIM, generator=gen).to(torch.bfloat16).to(device)
         slots = torch.randperm(num_pages * PAGE, generator=gen)[:num_tokens].to(device)
-        return {"one-call": lambda: kernels.write_kv_cache(k, v, k_cache, v_cache, slots)}
+        plan = kernels.WriteKVPlan(k_cache, v_cache, num_tokens, kv_dtype=k.dtype)
+        return {
+            "one-call": lambda: kernels.write_kv_cache(k, v, k_cache, v_cache, slots),
+            "plan": lambda: kernels.WriteKVPlan(k_cache, v_cache, num_tokens, kv_dtype=k.dtype),
+            "run": lambda: plan.run(k, v, k_cache, v_cache, slots),
+        }
 
     return Case("write_kv_cache", {"tokens": num_tokens, "kv_heads": HKV, "page_size": PAGE}, make)
 
