@@ -73,6 +73,17 @@ def _mismatch(name: str, t: object, shape: tuple, dtype: torch.dtype, device: to
     return f"{name} does not fit this plan ({what}): expected shape {shape}, {dtype}, on {device}; got {got}"
 
 
+def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, plan: PagedDecodePlan | WriteKVPlan) -> None:
+    """That one layer's caches have the layout (shape, dtype, strides, device) the plan was made for."""
+    shape, dtype, strides, device = plan._cache_shape, plan.layout.dtype, plan._cache_strides, plan.device
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.shape != shape or cache.dtype != dtype or cache.stride() != strides or cache.device != device:
+            raise ValueError(
+                _mismatch(name, cache, shape, dtype, device, "another cache layout")
+                + f"; strides expected {strides}, got {cache.stride()}"
+            )
+
+
 class PagedDecodePlan:
     """The host work of :func:`kernels.paged_decode_attention` for one decode step, done once.
 
@@ -267,17 +278,7 @@ class PagedDecodePlan:
         dev = self.device
         if q.shape != self._q_shape or q.dtype != self._q_dtype or q.device != dev:
             raise ValueError(_mismatch("q", q, self._q_shape, self._q_dtype, dev, "another batch or head count"))
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if (
-                cache.shape != self._cache_shape
-                or cache.dtype != self.layout.dtype
-                or cache.stride() != self._cache_strides
-                or cache.device != dev
-            ):
-                raise ValueError(
-                    _mismatch(name, cache, self._cache_shape, self.layout.dtype, dev, "another cache layout")
-                    + f"; strides expected {self._cache_strides}"
-                )
+        _check_caches(k_cache, v_cache, self)
         if block_table.shape != self._table_shape or block_table.dtype != torch.int32 or block_table.device != dev:
             raise ValueError(
                 _mismatch("block_table", block_table, self._table_shape, torch.int32, dev, "another batch")
@@ -410,17 +411,7 @@ class WriteKVPlan:
         for name, t in (("k", k), ("v", v)):
             if t.shape != self._kv_shape or t.dtype != self._kv_dtype or t.device != dev:
                 raise ValueError(_mismatch(name, t, self._kv_shape, self._kv_dtype, dev, "another token count"))
-        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-            if (
-                cache.shape != self._cache_shape
-                or cache.dtype != self.layout.dtype
-                or cache.stride() != self._cache_strides
-                or cache.device != dev
-            ):
-                raise ValueError(
-                    _mismatch(name, cache, self._cache_shape, self.layout.dtype, dev, "another cache layout")
-                    + f"; strides expected {self._cache_strides}"
-                )
+        _check_caches(k_cache, v_cache, self)
         if (
             slot_mapping.shape != self._kv_shape[:1]
             or slot_mapping.dtype != self._slot_dtype
