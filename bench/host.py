@@ -10,7 +10,7 @@ Two parts:
 
 - **per call**: each public launcher on the attention shape of Llama-3-8B (32 query / 8 KV heads, head_dim 128,
   bf16, pages of 16): the one-call API and, where a kernel has one, its plan/run API (``plan``: making the plan,
-  once per step; ``run``: one layer's call with it). Timed with the thread's CPU clock (``time.thread_time_ns``: other processes on a shared machine do not
+  once per step; ``run``: one layer's call with it; ``run, out=``: the same into a preallocated output). Timed with the thread's CPU clock (``time.thread_time_ns``: other processes on a shared machine do not
   inflate it) and the wall clock; median over rounds of many calls.
 - **engine**: :class:`disagg.engine.Engine` decode steps of a 32-layer model with Llama-8B's attention geometry,
   kernels stubbed, batch 1 and 64: CPU time per step, and how much of it is spent inside ``kernels``' API. The
@@ -112,12 +112,14 @@ def decode_case(batch: int, num_splits: int | None) -> Case:
 
         workspace = kernels.Workspace(device)
         plan = make_plan()
+        out = torch.empty_like(q)
         return {
             "one-call": lambda: kernels.paged_decode_attention(
                 q, k_cache, v_cache, table, seq_lens, num_splits=num_splits
             ),
             "plan": make_plan,
             "run": lambda: plan.run(q, k_cache, v_cache, table, seq_lens),
+            "run, out=": lambda: plan.run(q, k_cache, v_cache, table, seq_lens, out=out),
         }
 
     shape = {"batch": batch, "context": CONTEXT, "heads": f"{HQ}/{HKV}", "head_dim": HEAD_DIM, "page_size": PAGE}
@@ -273,10 +275,10 @@ def measure_engine(batch: int, *, prompt_len: int, steps: int, model) -> dict[st
 
 
 def format_table(data: dict[str, Any]) -> str:
-    lines = [f"{'kernel':24s} {'api':9s} {'shape':58s} {'CPU µs':>8s} {'wall µs':>8s}"]
+    lines = [f"{'kernel':24s} {'api':10s} {'shape':58s} {'CPU µs':>8s} {'wall µs':>8s}"]
     for r in data["per_call"]:
         shape = ", ".join(f"{k}={v}" for k, v in r["shape"].items())
-        lines.append(f"{r['kernel']:24s} {r['api']:9s} {shape:58s} {r['cpu_us']:8.1f} {r['wall_us']:8.1f}")
+        lines.append(f"{r['kernel']:24s} {r['api']:10s} {shape:58s} {r['cpu_us']:8.1f} {r['wall_us']:8.1f}")
     if data["engine"]:
         lines.append("")
         lines.append(

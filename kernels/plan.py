@@ -73,6 +73,12 @@ def _mismatch(name: str, t: object, shape: tuple, dtype: torch.dtype, device: to
     return f"{name} does not fit this plan ({what}): expected shape {shape}, {dtype}, on {device}; got {got}"
 
 
+def _expect(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, device: torch.device, what: str) -> None:
+    """That a run-time tensor has the planned shape, dtype and device (the cheap checks ``run`` makes)."""
+    if t.shape != shape or t.dtype != dtype or t.device != device:
+        raise ValueError(_mismatch(name, t, shape, dtype, device, what))
+
+
 def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, plan: PagedDecodePlan | WriteKVPlan) -> None:
     """That one layer's caches have the layout (shape, dtype, strides, device) the plan was made for."""
     shape, dtype, strides, device = plan._cache_shape, plan.layout.dtype, plan._cache_strides, plan.device
@@ -183,7 +189,6 @@ class PagedDecodePlan:
             self._part_out = self._part_lse = None
         self._no_lse = _runtime.empty((1,), torch.float32, device)
         programs = batch * layout.num_kv_heads * num_splits
-        self._grid = (batch, layout.num_kv_heads, num_splits)
         self._scalars = (
             num_q_heads,
             log2_logit_scale(head_dim, sm_scale),
@@ -210,7 +215,9 @@ class PagedDecodePlan:
         block_s = triton.next_power_of_2(num_splits)
         if not _runtime.INTERPRET:  # bound the (BLOCK_S, head_dim) fp32 tile held in registers
             block_s = min(block_s, max(16, 4096 // block_d))
-        self._merge_grid = (batch, num_q_heads)
+        # the kernel[grid] proxies, bound once: run only calls them
+        self._kernel = _decode_kernel[(batch, layout.num_kv_heads, num_splits)]
+        self._merge = merge_splits_kernel[(batch, num_q_heads)]
         self._merge_constexprs = {
             "HEAD_DIM": head_dim,
             "BLOCK_D": block_d,
@@ -276,27 +283,24 @@ class PagedDecodePlan:
         Returns out, or (out, lse) when the plan was made with return_lse.
         """
         dev = self.device
-        if q.shape != self._q_shape or q.dtype != self._q_dtype or q.device != dev:
-            raise ValueError(_mismatch("q", q, self._q_shape, self._q_dtype, dev, "another batch or head count"))
+        _expect("q", q, self._q_shape, self._q_dtype, dev, "another batch or head count")
         _check_caches(k_cache, v_cache, self)
-        if block_table.shape != self._table_shape or block_table.dtype != torch.int32 or block_table.device != dev:
-            raise ValueError(
-                _mismatch("block_table", block_table, self._table_shape, torch.int32, dev, "another batch")
-            )
-        if seq_lens.shape != self._lens_shape or seq_lens.dtype != torch.int32 or seq_lens.device != dev:
-            raise ValueError(_mismatch("seq_lens", seq_lens, self._lens_shape, torch.int32, dev, "another batch"))
+        _expect("block_table", block_table, self._table_shape, torch.int32, dev, "another batch")
+        _expect("seq_lens", seq_lens, self._lens_shape, torch.int32, dev, "another batch")
         if out is None:
             out = _runtime.empty(self._q_shape, self._q_dtype, dev)
-        elif out.shape != self._q_shape or out.dtype != self._q_dtype or out.device != dev:
-            raise ValueError(_mismatch("out", out, self._q_shape, self._q_dtype, dev, "the output"))
+        else:
+            _expect("out", out, self._q_shape, self._q_dtype, dev, "the output")
         if not self.return_lse:
             if lse is not None:
                 raise ValueError("lse is an output only of plans made with return_lse=True")
             lse = self._no_lse
         elif lse is None:
             lse = _runtime.empty(self._lse_shape, torch.float32, dev)
-        elif lse.shape != self._lse_shape or lse.dtype != torch.float32 or not lse.is_contiguous() or lse.device != dev:
-            raise ValueError(_mismatch("lse", lse, self._lse_shape, torch.float32, dev, "contiguous output"))
+        else:
+            _expect("lse", lse, self._lse_shape, torch.float32, dev, "the LSE output")
+            if not lse.is_contiguous():
+                raise ValueError("lse must be contiguous")
         if self.batch:
             self._launch(q, k_cache, v_cache, block_table, seq_lens, out, lse)
         return (out, lse) if self.return_lse else out
@@ -304,7 +308,7 @@ class PagedDecodePlan:
     def _launch(self, q, k_cache, v_cache, block_table, seq_lens, out, lse) -> None:
         split = self._part_out is not None
         part_out, part_lse = (self._part_out, self._part_lse) if split else (out, lse)
-        _decode_kernel[self._grid](
+        self._kernel(
             q,
             k_cache,
             v_cache,
@@ -324,7 +328,7 @@ class PagedDecodePlan:
             **self._constexprs,
         )
         if split:
-            merge_splits_kernel[self._merge_grid](
+            self._merge(
                 part_out,
                 part_lse,
                 out,
@@ -391,7 +395,7 @@ class WriteKVPlan:
         self._scales = (ks, vs)
         block_d = triton.next_power_of_2(layout.head_dim)
         block_t = 128 if _runtime.INTERPRET else max(8, 4096 // block_d)  # as write_kv_cache
-        self._grid = (triton.cdiv(num_tokens, block_t), layout.num_kv_heads)
+        self._kernel = _write_kernel[(triton.cdiv(num_tokens, block_t), layout.num_kv_heads)]
         self._constexprs = {
             "HEAD_DIM": layout.head_dim,
             "BLOCK_D": block_d,
@@ -408,23 +412,13 @@ class WriteKVPlan:
     ) -> None:
         """Write one layer's new K/V: as :func:`kernels.write_kv_cache`, shapes as planned."""
         dev = self.device
-        for name, t in (("k", k), ("v", v)):
-            if t.shape != self._kv_shape or t.dtype != self._kv_dtype or t.device != dev:
-                raise ValueError(_mismatch(name, t, self._kv_shape, self._kv_dtype, dev, "another token count"))
+        _expect("k", k, self._kv_shape, self._kv_dtype, dev, "another token count")
+        _expect("v", v, self._kv_shape, self._kv_dtype, dev, "another token count")
         _check_caches(k_cache, v_cache, self)
-        if (
-            slot_mapping.shape != self._kv_shape[:1]
-            or slot_mapping.dtype != self._slot_dtype
-            or slot_mapping.device != dev
-        ):
-            raise ValueError(
-                _mismatch(
-                    "slot_mapping", slot_mapping, self._kv_shape[:1], self._slot_dtype, dev, "another token count"
-                )
-            )
+        _expect("slot_mapping", slot_mapping, self._kv_shape[:1], self._slot_dtype, dev, "another token count")
         if not self.num_tokens:
             return
-        _write_kernel[self._grid](
+        self._kernel(
             k,
             v,
             k_cache,
