@@ -39,68 +39,58 @@ def row_key(seed: int, index: int) -> tuple[int, int]:
     return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
 
 
-def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
-    """(h * c) mod 2**32 for int64 tensors holding 32-bit values, in two 16-bit halves so no product overflows
-    int64 (signed overflow is not something to rely on across devices)."""
-    low = (h & 0xFFFF) * c
-    high = (((h >> 16) * c) & 0xFFFF) << 16
-    return (low + high) & _MASK32
-
-
 def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finalizer: a bijection of [0, 2**32) that spreads every input bit over the output."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
+    """A 32-bit integer hash (the "lowbias32" xorshift-multiply finalizer of Chris Wellons' hash-prospector, with
+    TheIronBorn's constants), in place on an int64 tensor holding values in [0, 2**32). Both multipliers are below
+    2**31, so no product reaches 2**63: the arithmetic is exact on every device, never relying on overflow."""
+    h ^= h >> 16
+    h.mul_(0x21F0AAAD).bitwise_and_(_MASK32)
+    h ^= h >> 15
+    h.mul_(0x735A2D97).bitwise_and_(_MASK32)
+    h ^= h >> 15
+    return h
 
 
 def uniform_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """U in (0, 1), float64 (batch, vocab): element (b, v) is a hash of (keys[b], v), 32 random bits.
+    """U in (0, 1), float32 (batch, vocab): element (b, v) is a hash of (keys[b], v) with 23 random bits, at the
+    centres of 2**23 equal bins (so U is never 0 or 1, and -log(-log U) is finite).
 
     keys: int64 (batch, 2), each word in [0, 2**32) (see :func:`row_key`). Pure integer arithmetic, so a row's
     noise is identical on every device and in every batch.
     """
     ids = torch.arange(vocab, dtype=torch.int64, device=keys.device)[None, :]
     h = _mix32(ids ^ keys[:, :1])
-    h = _mix32(h ^ keys[:, 1:])
-    return (h.double() + 0.5) * 2.0**-32
+    h ^= keys[:, 1:]
+    h = _mix32(h) >> 9
+    return (h.float() + 0.5) * 2.0**-23
 
 
 @dataclass(frozen=True)
 class _Settings:
-    """A batch's settings as device tensors (one host→device copy), plus what the host knows about them."""
+    """Sampled rows' settings as device tensors (one host→device copy), plus what the host knows about them."""
 
-    temperature: torch.Tensor  # float32 (batch, 1), > 0 (greedy rows hold 1)
-    top_k: torch.Tensor  # int64 (batch, 1) in 1..vocab
-    top_p: torch.Tensor  # float32 (batch, 1)
-    min_p: torch.Tensor  # float32 (batch, 1)
-    keys: torch.Tensor  # int64 (batch, 2)
-    greedy: torch.Tensor  # bool (batch,)
-    any_sampled: bool
-    filters: bool  # some sampled row uses top-k, top-p or min-p
+    temperature: torch.Tensor  # float32 (rows, 1), > 0 (greedy rows, in filter_probs only, hold 1)
+    top_k: torch.Tensor  # int64 (rows, 1) in 1..vocab
+    top_p: torch.Tensor  # float32 (rows, 1)
+    min_p: torch.Tensor  # float32 (rows, 1)
+    keys: torch.Tensor  # int64 (rows, 2)
+    filters: bool  # some row uses top-k, top-p or min-p
 
 
 def _settings(params: Sequence[SamplingParams], indices: Sequence[int], vocab: int, device) -> _Settings:
-    rows = []
-    filters = any_sampled = False
+    rows, filters = [], False
     for p, i in zip(params, indices, strict=True):
         k = p.top_k if 0 < p.top_k < vocab else vocab
-        rows.append((p.temperature or 1.0, k, p.top_p, p.min_p, *row_key(p.seed, i), p.greedy))
-        if not p.greedy:
-            any_sampled = True
-            filters |= k < vocab or p.top_p < 1 or p.min_p > 0
+        rows.append((p.temperature or 1.0, k, p.top_p, p.min_p, *row_key(p.seed, i)))
+        filters |= k < vocab or p.top_p < 1 or p.min_p > 0
     # float64 holds every field exactly (32-bit keys, k <= vocab); one copy carries them all
-    table = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), 7).to(device)
+    table = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), 6).to(device)
     return _Settings(
         temperature=table[:, 0:1].float(),
         top_k=table[:, 1:2].long(),
         top_p=table[:, 2:3].float(),
         min_p=table[:, 3:4].float(),
         keys=table[:, 4:6].long(),
-        greedy=table[:, 6].bool(),
-        any_sampled=any_sampled,
         filters=filters,
     )
 
@@ -129,25 +119,32 @@ def filter_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torc
     s = _settings(params, [0] * len(params), logits.shape[-1], logits.device)
     probs = torch.softmax(_filtered_logits(logits, s), dim=-1)
     onehot = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
-    return torch.where(s.greedy[:, None], onehot, probs)
+    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    return torch.where(greedy[:, None], onehot, probs)
 
 
 def sample_ids(logits: torch.Tensor, params: Sequence[SamplingParams], indices: Sequence[int]) -> torch.Tensor:
     """Next token of each row, as an int64 (batch,) tensor on the logits' device (no host read).
 
     logits: float (batch, vocab); params[b], indices[b]: row b's settings and the index of the token being
-    chosen (0 for the first generated token).
+    chosen (0 for the first generated token). Greedy rows cost an argmax only: the host knows which rows draw,
+    and only those are filtered and given noise.
     """
+    if len(params) != len(indices) or len(params) != logits.shape[0]:
+        raise ValueError(
+            f"need one setting and one index per row: {logits.shape[0]} rows, {len(params)}, {len(indices)}"
+        )
     greedy = logits.argmax(dim=-1)
-    if len(params) == 0:
+    drawing = [b for b, p in enumerate(params) if not p.greedy]
+    if not drawing:
         return greedy
-    s = _settings(params, indices, logits.shape[-1], logits.device)
-    if not s.any_sampled:
-        return greedy
-    u = uniform_noise(s.keys, logits.shape[-1])
-    gumbel = (-torch.log(-torch.log(u))).float()
-    drawn = (_filtered_logits(logits, s) + gumbel).argmax(dim=-1)
-    return torch.where(s.greedy, greedy, drawn)
+    every = len(drawing) == len(params)
+    rows = None if every else torch.tensor(drawing, device=logits.device)
+    sub = logits if every else logits.index_select(0, rows)
+    s = _settings([params[b] for b in drawing], [indices[b] for b in drawing], logits.shape[-1], logits.device)
+    gumbel = uniform_noise(s.keys, logits.shape[-1]).log_().neg_().log_().neg_()  # -log(-log U)
+    drawn = (_filtered_logits(sub, s) + gumbel).argmax(dim=-1)
+    return drawn if every else greedy.index_copy(0, rows, drawn)
 
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams], indices: Sequence[int]) -> list[int]:
