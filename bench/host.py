@@ -134,10 +134,20 @@ def prefill_case(num_seqs: int, seqlen: int) -> Case:
         k = torch.randn(total, HKV, HEAD_DIM, generator=gen).to(torch.bfloat16).to(device)
         v = torch.randn(total, HKV, HEAD_DIM, generator=gen).to(torch.bfloat16).to(device)
         cu = torch.arange(0, total + 1, seqlen, dtype=torch.int32, device=device)
+        lens = [seqlen] * num_seqs
+
+        def make_plan():
+            return kernels.PrefillPlan(
+                lens, num_q_heads=HQ, num_kv_heads=HKV, head_dim=HEAD_DIM, dtype=q.dtype, device=device
+            )
+
+        plan = make_plan()
         return {  # as the engine calls it: the longest length known on the host
             "one-call": lambda: kernels.prefill_attention(
                 q, k, v, cu, cu, causal=True, max_seqlen_q=seqlen, max_seqlen_k=seqlen
-            )
+            ),
+            "plan": make_plan,
+            "run": lambda: plan.run(q, k, v, cu, cu),
         }
 
     return Case("prefill_attention", {"batch": num_seqs, "seqlen": seqlen, "heads": f"{HQ}/{HKV}"}, make)

@@ -5,7 +5,7 @@ Public API:
     write_kv_cache           scatter new K/V into a paged cache (num_pages, page_size, kv_heads, head_dim); fp8
     paged_decode_attention   one query token per sequence over its paged KV cache (GQA, split-KV, fp8 KV)
     merge_attention_states   exact combine of two partial attentions over disjoint key sets, through their LSEs
-    PagedDecodePlan, WriteKVPlan, Workspace
+    PagedDecodePlan, PrefillPlan, WriteKVPlan, Workspace
                              plan once per step (host-side lengths: checks, split count, grid, workspace), run
                              per layer (launch only): see kernels.plan
 
@@ -27,12 +27,13 @@ if _runtime.INTERPRET:
 from kernels.decode import paged_decode_attention
 from kernels.kv_cache import write_kv_cache
 from kernels.merge import merge_attention_states
-from kernels.plan import PagedDecodePlan, Workspace, WriteKVPlan
+from kernels.plan import PagedDecodePlan, PrefillPlan, Workspace, WriteKVPlan
 from kernels.prefill import prefill_attention
 
 __all__ = [
     "INTERPRET",
     "PagedDecodePlan",
+    "PrefillPlan",
     "Workspace",
     "WriteKVPlan",
     "debug_enabled",

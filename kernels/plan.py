@@ -35,6 +35,8 @@ from kernels.decode import (
 )
 from kernels.kv_cache import _write_kernel
 from kernels.merge import merge_splits_kernel
+from kernels.prefill import _prefill_kernel
+from kernels.prefill import default_config as prefill_default_config
 
 
 class Workspace:
@@ -77,6 +79,26 @@ def _expect(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, device
     """That a run-time tensor has the planned shape, dtype and device (the cheap checks ``run`` makes)."""
     if t.shape != shape or t.dtype != dtype or t.device != device:
         raise ValueError(_mismatch(name, t, shape, dtype, device, what))
+
+
+def _outputs(plan: PagedDecodePlan | PrefillPlan, out: torch.Tensor | None, lse: torch.Tensor | None) -> tuple:
+    """The attention output and LSE a run writes: the caller's (checked) or fresh ones; without return_lse the
+    plan's 1-element placeholder stands for the LSE (the kernel never writes it)."""
+    shape, dtype, dev = plan._q_shape, plan._out_dtype, plan.device
+    if out is None:
+        out = _runtime.empty(shape, dtype, dev)
+    else:
+        _expect("out", out, shape, dtype, dev, "the output")
+    if not plan.return_lse:
+        if lse is not None:
+            raise ValueError("lse is an output only of plans made with return_lse=True")
+        return out, plan._no_lse
+    if lse is None:
+        return out, _runtime.empty(plan._lse_shape, torch.float32, dev)
+    _expect("lse", lse, plan._lse_shape, torch.float32, dev, "the LSE output")
+    if not lse.is_contiguous():
+        raise ValueError("lse must be contiguous")
+    return out, lse
 
 
 def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, plan: PagedDecodePlan | WriteKVPlan) -> None:
@@ -170,7 +192,7 @@ class PagedDecodePlan:
         self.batch, self.num_q_heads, self.num_splits, self.return_lse = batch, num_q_heads, num_splits, return_lse
         self.device, self.layout = device, layout
         self._q_shape = (batch, num_q_heads, layout.head_dim)
-        self._q_dtype = q_dtype
+        self._q_dtype = self._out_dtype = q_dtype
         self._cache_shape, self._cache_strides = tuple(k_cache.shape), tuple(k_cache.stride())
         self._table_shape = (batch, block_table_width)
         self._lens_shape = (batch,)
@@ -287,20 +309,7 @@ class PagedDecodePlan:
         _check_caches(k_cache, v_cache, self)
         _expect("block_table", block_table, self._table_shape, torch.int32, dev, "another batch")
         _expect("seq_lens", seq_lens, self._lens_shape, torch.int32, dev, "another batch")
-        if out is None:
-            out = _runtime.empty(self._q_shape, self._q_dtype, dev)
-        else:
-            _expect("out", out, self._q_shape, self._q_dtype, dev, "the output")
-        if not self.return_lse:
-            if lse is not None:
-                raise ValueError("lse is an output only of plans made with return_lse=True")
-            lse = self._no_lse
-        elif lse is None:
-            lse = _runtime.empty(self._lse_shape, torch.float32, dev)
-        else:
-            _expect("lse", lse, self._lse_shape, torch.float32, dev, "the LSE output")
-            if not lse.is_contiguous():
-                raise ValueError("lse must be contiguous")
+        out, lse = _outputs(self, out, lse)
         if self.batch:
             self._launch(q, k_cache, v_cache, block_table, seq_lens, out, lse)
         return (out, lse) if self.return_lse else out
@@ -431,3 +440,132 @@ class WriteKVPlan:
             *self._cache_strides,
             **self._constexprs,
         )
+
+
+class PrefillPlan:
+    """The host work of :func:`kernels.prefill_attention` for one packed batch, done once.
+
+    Args:
+        seqlens_q: each sequence's query count, on the host (list of ints >= 0 or CPU tensor).
+        seqlens_k: each sequence's key count (default: seqlens_q); the device cu_seqlens given to :meth:`run`
+            must be the running sums of these, starting at 0.
+        num_q_heads, num_kv_heads, head_dim, dtype, device: the geometry of q (total_q, num_q_heads, head_dim) and
+            k/v (total_k, num_kv_heads, head_dim), all of ``dtype`` on ``device``.
+        causal, sm_scale, window, softcap, return_lse: as in :func:`kernels.prefill_attention`.
+        config: tile config ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` (default:
+            :func:`kernels.prefill.default_config`).
+    """
+
+    def __init__(
+        self,
+        seqlens_q: Sequence[int] | torch.Tensor,
+        seqlens_k: Sequence[int] | torch.Tensor | None = None,
+        *,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        causal: bool = True,
+        sm_scale: float | None = None,
+        window: int | None = None,
+        softcap: float | None = None,
+        return_lse: bool = False,
+        config: dict | None = None,
+    ):
+        device = torch.device(device)
+        lens_q = _host_ints("seqlens_q", seqlens_q)
+        lens_k = lens_q if seqlens_k is None else _host_ints("seqlens_k", seqlens_k)
+        if len(lens_k) != len(lens_q):
+            raise ValueError(f"seqlens_q has {len(lens_q)} sequences but seqlens_k has {len(lens_k)}")
+        for name, lens in (("seqlens_q", lens_q), ("seqlens_k", lens_k)):
+            if lens and min(lens) < 0:
+                raise ValueError(f"{name} must be >= 0, got {name}[{lens.index(min(lens))}] = {min(lens)}")
+        batch = len(lens_q)
+        if batch > _validate.MAX_GRID_YZ:
+            raise ValueError(f"batch must be at most {_validate.MAX_GRID_YZ} sequences per call, got {batch}")
+        if dtype not in _validate.FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {_validate.FLOAT_DTYPES}, got {dtype}")
+        if device.type != _runtime.DEVICE_TYPE:
+            raise ValueError(f"device is {device}, but this process runs phaseattn's kernels on {_runtime.DEVICE_TYPE}")
+        _validate.head_dim("head_dim", head_dim, _validate.HEAD_DIMS)
+        _validate.gqa(num_q_heads, num_kv_heads)
+        _validate.positive_float("sm_scale", sm_scale)
+        _validate.positive_float("softcap", softcap)
+        _validate.window(window)
+        if window is not None and not causal:
+            raise ValueError("window requires causal=True (a sliding window is a causal mask with a lower edge)")
+        cfg = config or prefill_default_config(head_dim, dtype)
+        longest_q = max(lens_q, default=0)
+        m_blocks = triton.cdiv(longest_q, cfg["BLOCK_M"])
+        if m_blocks > _validate.MAX_GRID_YZ:
+            raise ValueError(f"the longest query sequence ({longest_q}) needs more than {_validate.MAX_GRID_YZ} tiles")
+
+        self.batch, self.return_lse, self.device, self.dtype = batch, return_lse, device, dtype
+        self._out_dtype = dtype
+        self.total_q, self.total_k = sum(lens_q), sum(lens_k)
+        self._q_shape = (self.total_q, num_q_heads, head_dim)
+        self._kv_shape = (self.total_k, num_kv_heads, head_dim)
+        self._cu_shape = (batch + 1,)
+        self._lse_shape = (self.total_q, num_q_heads)
+        self._no_lse = _runtime.empty((1,), torch.float32, device)
+        self._launches = self.total_q > 0 and batch > 0 and longest_q > 0
+        self._kernel = _prefill_kernel[(num_q_heads, batch, m_blocks)]
+        self._scalars = (
+            num_q_heads,
+            log2_logit_scale(head_dim, sm_scale),
+            float(softcap or 0.0),
+            int(window or 0),
+            min(triton.next_power_of_2(max(longest_q, 1)), 16384),
+        )
+        self._constexprs = {
+            "GROUP": num_q_heads // num_kv_heads,
+            "HEAD_DIM": head_dim,
+            "BLOCK_D": triton.next_power_of_2(head_dim),
+            "CAUSAL": bool(causal),
+            "HAS_WINDOW": window is not None,
+            "HAS_SOFTCAP": softcap is not None,
+            "STORE_LSE": return_lse,
+            "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            **cfg,
+        }
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        *,
+        out: torch.Tensor | None = None,
+        lse: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One layer's attention: as :func:`kernels.prefill_attention` with the plan's options; ``out`` and (with
+        return_lse) ``lse`` (contiguous) are written when given."""
+        dev, dtype = self.device, self.dtype
+        _expect("q", q, self._q_shape, dtype, dev, "another token count or head count")
+        _expect("k", k, self._kv_shape, dtype, dev, "another token count or head count")
+        _expect("v", v, self._kv_shape, dtype, dev, "another token count or head count")
+        _expect("cu_seqlens_q", cu_seqlens_q, self._cu_shape, torch.int32, dev, "another batch")
+        _expect("cu_seqlens_k", cu_seqlens_k, self._cu_shape, torch.int32, dev, "another batch")
+        out, lse = _outputs(self, out, lse)
+        if self._launches:
+            self._kernel(
+                q,
+                k,
+                v,
+                out,
+                lse,
+                cu_seqlens_q,
+                cu_seqlens_k,
+                *q.stride(),
+                *k.stride(),
+                *v.stride(),
+                *out.stride(),
+                *self._scalars,
+                **self._constexprs,
+            )
+        elif self.return_lse:
+            lse.fill_(float("-inf"))
+        return (out, lse) if self.return_lse else out

@@ -7,10 +7,18 @@ import pytest
 import torch
 
 import kernels
-from kernels import PagedDecodePlan, Workspace, WriteKVPlan, paged_decode_attention, write_kv_cache
+from kernels import (
+    PagedDecodePlan,
+    PrefillPlan,
+    Workspace,
+    WriteKVPlan,
+    paged_decode_attention,
+    prefill_attention,
+    write_kv_cache,
+)
 from tests.host_reads import count_host_reads, summary
 from tests.paged import random_fp8, random_paged_kv, slot_mapping
-from tests.util import DEVICE, ON_CUDA, randn
+from tests.util import DEVICE, ON_CUDA, cu_seqlens, randn
 
 DECODE_OPTIONS = [
     # (lens, hq, hkv, head_dim, page_size, q dtype, kv "same" or "fp8", options)
@@ -108,6 +116,54 @@ def test_write_plan_equals_one_call_bitwise(gen, dtype, cache, scale, slot_dtype
         assert not torch.equal(planned[0].view(torch.uint8), base.view(torch.uint8))  # it wrote something
 
 
+PREFILL_OPTIONS = [
+    # (query lengths, key lengths or None, hq, hkv, head_dim, dtype, options)
+    ([5, 70, 0, 33], None, 4, 2, 32, torch.float32, {}),
+    ([20, 3], [50, 3], 4, 1, 64, torch.float32, {"return_lse": True}),  # Lq < Lk: bottom-right causal
+    ([40, 65], None, 2, 2, 32, torch.bfloat16, {"window": 17, "softcap": 5.0, "return_lse": True}),
+    ([30, 7], [12, 7], 4, 2, 32, torch.float16, {"causal": False, "sm_scale": 0.3}),
+    ([0, 0], None, 4, 2, 32, torch.float32, {"return_lse": True}),  # nothing to launch
+]
+
+
+@pytest.mark.skipif(ON_CUDA and kernels._runtime.AUTOTUNE, reason="the one-call path autotunes; plans do not")
+@pytest.mark.parametrize("lens_q, lens_k, hq, hkv, d, dtype, options", PREFILL_OPTIONS)
+def test_prefill_plan_equals_one_call_bitwise(gen, lens_q, lens_k, hq, hkv, d, dtype, options):
+    lens_k = lens_k or lens_q
+    cu_q, cu_k = cu_seqlens(lens_q), cu_seqlens(lens_k)
+    plan = PrefillPlan(
+        lens_q, lens_k, num_q_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype, device=DEVICE, **options
+    )
+    for _ in range(2):  # two layers
+        q = randn(sum(lens_q), hq, d, dtype=dtype, generator=gen)
+        k, v = (randn(sum(lens_k), hkv, d, dtype=dtype, generator=gen) for _ in range(2))
+        expected = prefill_attention(q, k, v, cu_q, cu_k, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), **options)
+        got = plan.run(q, k, v, cu_q, cu_k)
+        pairs = zip(*(x if isinstance(x, tuple) else (x,) for x in (expected, got)), strict=True)
+        assert all(torch.equal(e, g) for e, g in pairs)
+
+
+def test_a_prefill_plan_refuses_another_batch(gen):
+    plan = PrefillPlan([3, 9], num_q_heads=4, num_kv_heads=2, head_dim=32, dtype=torch.float32, device=DEVICE)
+    q = randn(12, 4, 32, dtype=torch.float32, generator=gen)
+    k = randn(12, 2, 32, dtype=torch.float32, generator=gen)
+    cu = cu_seqlens([3, 9])
+    with pytest.raises(ValueError, match=r"q does not fit this plan \(another token count"):
+        plan.run(q[:11], k, k, cu, cu)
+    with pytest.raises(ValueError, match="k does not fit this plan"):
+        plan.run(q, k[:, :1], k, cu, cu)
+    with pytest.raises(ValueError, match="cu_seqlens_k does not fit this plan"):
+        plan.run(q, k, k, cu, cu_seqlens([3, 4, 5]))
+    with pytest.raises(ValueError, match="window requires causal"):
+        PrefillPlan(
+            [3], num_q_heads=4, num_kv_heads=2, head_dim=32, dtype=torch.float32, device=DEVICE, causal=False, window=4
+        )
+    with pytest.raises(ValueError, match=r"seqlens_q must be >= 0, got seqlens_q\[1\] = -1"):
+        PrefillPlan([3, -1], num_q_heads=4, num_kv_heads=2, head_dim=32, dtype=torch.float32, device=DEVICE)
+    with pytest.raises(ValueError, match="seqlens_q has 2 sequences but seqlens_k has 1"):
+        PrefillPlan([3, 1], [3], num_q_heads=4, num_kv_heads=2, head_dim=32, dtype=torch.float32, device=DEVICE)
+
+
 def test_run_reads_nothing_back_from_the_device(gen):
     lens = [10, 300]
     kv = random_paged_kv(gen, lens, 2, 32, 16, torch.float32)
@@ -124,9 +180,12 @@ def test_run_reads_nothing_back_from_the_device(gen):
         num_splits=2,
     )
     write = WriteKVPlan(kv.k_cache, kv.v_cache, 2, kv_dtype=torch.float32)
+    prefill = PrefillPlan([2], num_q_heads=4, num_kv_heads=2, head_dim=32, dtype=torch.float32, device=DEVICE)
+    cu = cu_seqlens([2])
     with count_host_reads() as counts:
         write.run(k, k, kv.k_cache, kv.v_cache, slots)
         decode.run(q, kv.k_cache, kv.v_cache, kv.block_table, kv.seq_lens)
+        prefill.run(q, k, k, cu, cu)
     assert not counts, summary(counts)
 
 
