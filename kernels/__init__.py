@@ -4,10 +4,14 @@ Public API:
     prefill_attention        FlashAttention forward over packed varlen batches (causal, GQA, window, softcap)
     write_kv_cache           scatter new K/V into a paged cache (num_pages, page_size, kv_heads, head_dim); fp8
     paged_decode_attention   one query token per sequence over its paged KV cache (GQA, split-KV, fp8 KV)
+    paged_prefill_attention  new query tokens per sequence over a paged cache holding a prefix (chunked prefill,
+                             prefix reuse, multi-token decode)
     merge_attention_states   exact combine of two partial attentions over disjoint key sets, through their LSEs
-    PagedDecodePlan, PrefillPlan, WriteKVPlan, Workspace
-                             plan once per step (host-side lengths: checks, split count, grid, workspace), run
-                             per layer (launch only): see kernels.plan
+    PagedDecodePlan, PagedPrefillPlan, PrefillPlan, WriteKVPlan, Workspace
+                             the same kernels planned once per step (host-side lengths: checks, split count,
+                             grid, workspace) and run per layer (launch only): see kernels._plan
+
+The attention kernels all take ``sinks=`` (one float32 logit per query head that joins the softmax denominator).
 
 The kernels run compiled on CUDA tensors when a CUDA device is present, and in Triton's interpreter on CPU
 tensors otherwise (``TRITON_INTERPRET`` set by the user wins). See :mod:`kernels._runtime`.
@@ -24,21 +28,24 @@ if _runtime.INTERPRET:
 
     _interpreter_fixes.apply()
 
-from kernels.decode import paged_decode_attention
-from kernels.kv_cache import write_kv_cache
+from kernels._plan import Workspace
+from kernels.decode import PagedDecodePlan, paged_decode_attention
+from kernels.kv_cache import WriteKVPlan, write_kv_cache
 from kernels.merge import merge_attention_states
-from kernels.plan import PagedDecodePlan, PrefillPlan, Workspace, WriteKVPlan
-from kernels.prefill import prefill_attention
+from kernels.paged_prefill import PagedPrefillPlan, paged_prefill_attention
+from kernels.prefill import PrefillPlan, prefill_attention
 
 __all__ = [
     "INTERPRET",
     "PagedDecodePlan",
+    "PagedPrefillPlan",
     "PrefillPlan",
     "Workspace",
     "WriteKVPlan",
     "debug_enabled",
     "merge_attention_states",
     "paged_decode_attention",
+    "paged_prefill_attention",
     "prefill_attention",
     "set_debug",
     "write_kv_cache",
