@@ -153,6 +153,41 @@ def prefill_case(num_seqs: int, seqlen: int) -> Case:
     return Case("prefill_attention", {"batch": num_seqs, "seqlen": seqlen, "heads": f"{HQ}/{HKV}"}, make)
 
 
+def paged_prefill_case(batch: int, chunk: int) -> Case:
+    """Chunked prefill: ``chunk`` new tokens per sequence after a prefix, CONTEXT tokens in all."""
+
+    def make(device: torch.device) -> dict[str, Callable[[], Any]]:
+        q1, k_cache, v_cache, table, seq_lens = _decode_inputs(batch, device, torch.Generator().manual_seed(chunk))
+        q = q1.repeat_interleave(chunk, dim=0)
+        cu = torch.arange(0, batch * chunk + 1, chunk, dtype=torch.int32, device=device)
+        q_lens, lens = [chunk] * batch, [CONTEXT] * batch
+
+        def make_plan():
+            return kernels.PagedPrefillPlan(
+                k_cache,
+                v_cache,
+                q_lens,
+                lens,
+                num_q_heads=HQ,
+                q_dtype=q.dtype,
+                block_table_width=table.shape[1],
+                workspace=workspace,
+            )
+
+        workspace = kernels.Workspace(device)
+        plan = make_plan()
+        return {  # the one-call path as an engine would call it: lengths known, the split count not
+            "one-call": lambda: kernels.paged_prefill_attention(
+                q, k_cache, v_cache, table, cu, seq_lens, max_seqlen_q=chunk
+            ),
+            "plan": make_plan,
+            "run": lambda: plan.run(q, k_cache, v_cache, table, cu, seq_lens),
+        }
+
+    shape = {"batch": batch, "chunk": chunk, "context": CONTEXT, "heads": f"{HQ}/{HKV}", "page_size": PAGE}
+    return Case("paged_prefill_attention", shape, make)
+
+
 def write_case(num_tokens: int) -> Case:
     def make(device: torch.device) -> dict[str, Callable[[], Any]]:
         gen = torch.Generator().manual_seed(num_tokens)
@@ -178,6 +213,7 @@ def cases() -> list[Case]:
         decode_case(64, None),
         decode_case(64, 1),
         prefill_case(4, 512),
+        paged_prefill_case(4, 512),
         write_case(1),
         write_case(64),
         write_case(2048),

@@ -303,7 +303,8 @@ def test_host_command_writes_its_results(tmp_path):
     data = json.loads(out.read_text())
     assert data["schema"] == "phaseattn-bench-host/1" and "device_name" in data["environment"]
     kernels_timed = {r["kernel"] for r in data["per_call"]}
-    assert {"paged_decode_attention", "prefill_attention", "write_kv_cache"} <= kernels_timed
+    assert {"paged_decode_attention", "paged_prefill_attention", "prefill_attention", "write_kv_cache"} <= kernels_timed
+    assert {r["api"] for r in data["per_call"]} == {"one-call", "plan", "run", "run, out="}
     assert all(r["cpu_us"] > 0 and r["wall_us"] > 0 for r in data["per_call"])
     assert [r["batch"] for r in data["engine"]] == [1, 3]
     for r in data["engine"]:
