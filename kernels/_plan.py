@@ -191,6 +191,28 @@ def check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, plan: object) -> 
             raise ValueError(f"{name} does not fit this plan: strides {cache.stride()}, planned {layout.strides}")
 
 
+def check_paged_options(
+    layout: _paged.CacheLayout,
+    num_q_heads: int,
+    q_dtype: torch.dtype,
+    block_table_width: int,
+    sm_scale: float | None,
+    softcap: float | None,
+    window: int | None,
+) -> None:
+    """The checks the paged attention plans share: query geometry against the cache, table width, options."""
+    check_q_dtype(q_dtype, layout)
+    _validate.head_dim("k_cache", layout.head_dim, _validate.HEAD_DIMS)
+    _validate.gqa(num_q_heads, layout.num_kv_heads)
+    if layout.num_kv_heads > _validate.MAX_GRID_YZ:
+        raise ValueError(f"k_cache has {layout.num_kv_heads} KV heads; at most {_validate.MAX_GRID_YZ} are supported")
+    if not isinstance(block_table_width, int) or isinstance(block_table_width, bool) or block_table_width < 0:
+        raise ValueError(f"block_table_width must be an int >= 0, got {block_table_width!r}")
+    _validate.positive_float("sm_scale", sm_scale)
+    _validate.positive_float("softcap", softcap)
+    _validate.window(window)
+
+
 def check_q_dtype(q_dtype: torch.dtype, layout: _paged.CacheLayout) -> None:
     if q_dtype not in _validate.FLOAT_DTYPES:
         raise TypeError(f"q_dtype must be one of {_validate.FLOAT_DTYPES}, got {q_dtype}")

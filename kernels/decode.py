@@ -414,16 +414,7 @@ class PagedDecodePlan(_plan.AttentionPlan):
         device = k_cache.device
         lens = _plan.host_ints("seq_lens", seq_lens)
         batch = len(lens)
-        _plan.check_q_dtype(q_dtype, layout)
-        _validate.head_dim("k_cache", layout.head_dim, HEAD_DIMS)
-        _validate.gqa(num_q_heads, layout.num_kv_heads)
-        if layout.num_kv_heads > MAX_GRID_YZ:
-            raise ValueError(f"k_cache has {layout.num_kv_heads} KV heads; at most {MAX_GRID_YZ} are supported")
-        if not isinstance(block_table_width, int) or block_table_width < 0:
-            raise ValueError(f"block_table_width must be an int >= 0, got {block_table_width!r}")
-        _validate.positive_float("sm_scale", sm_scale)
-        _validate.positive_float("softcap", softcap)
-        _validate.window(window)
+        _plan.check_paged_options(layout, num_q_heads, q_dtype, block_table_width, sm_scale, softcap, window)
         _plan.check_num_splits(num_splits, MAX_SPLITS)
         ks, vs, ks_in_memory, vs_in_memory = _paged.scale_args(layout, k_scale, v_scale, device)
         longest = _plan.check_host_lengths(lens, layout, block_table_width)
