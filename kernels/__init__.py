@@ -10,6 +10,7 @@ Public API:
     PagedDecodePlan, PagedPrefillPlan, PrefillPlan, WriteKVPlan, Workspace
                              the same kernels planned once per step (host-side lengths: checks, split count,
                              grid, workspace) and run per layer (launch only): see kernels._plan
+    HEAD_DIMS                the head dims the attention kernels support
 
 The attention kernels all take ``sinks=`` (one float32 logit per query head that joins the softmax denominator).
 
@@ -22,6 +23,7 @@ environment without it.
 
 from kernels import _runtime
 from kernels._runtime import INTERPRET, debug_enabled, set_debug
+from kernels._validate import HEAD_DIMS
 
 if _runtime.INTERPRET:
     from kernels import _interpreter_fixes
@@ -36,6 +38,7 @@ from kernels.paged_prefill import PagedPrefillPlan, paged_prefill_attention
 from kernels.prefill import PrefillPlan, prefill_attention
 
 __all__ = [
+    "HEAD_DIMS",
     "INTERPRET",
     "PagedDecodePlan",
     "PagedPrefillPlan",

@@ -7,6 +7,7 @@ or through Triton's interpreter on CPU.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -64,4 +65,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the lines printed so far are the partial results
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
