@@ -124,8 +124,18 @@ def check_device(device: torch.device) -> None:
         raise ValueError(f"device is {device}, but this process runs phaseattn's kernels on {_runtime.DEVICE_TYPE}")
 
 
-def expect(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, device: torch.device, what: str) -> None:
-    """That a run-time tensor has the planned shape, dtype and device (the cheap checks ``run`` makes)."""
+def expect(
+    name: str,
+    t: torch.Tensor,
+    shape: tuple,
+    dtype: torch.dtype,
+    device: torch.device,
+    what: str,
+    *,
+    dense: bool = False,
+) -> None:
+    """That a run-time tensor has the planned shape, dtype and device (the cheap checks ``run`` makes); ``dense``
+    for index tensors a kernel reads as dense memory (see :func:`kernels._validate.index_tensor`)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.shape != shape or t.dtype != dtype or t.device != device:
@@ -133,6 +143,8 @@ def expect(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, device:
         raise ValueError(
             f"{name} does not fit this plan ({what}): expected shape {shape}, {dtype}, on {device}; got {got}"
         )
+    if dense and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (the kernel reads it as dense memory): pass {name}.contiguous()")
 
 
 class AttentionPlan:

@@ -241,7 +241,9 @@ class WriteKVPlan:
         _plan.expect("k", k, self._kv_shape, self._kv_dtype, dev, "another token count")
         _plan.expect("v", v, self._kv_shape, self._kv_dtype, dev, "another token count")
         _plan.check_caches(k_cache, v_cache, self)
-        _plan.expect("slot_mapping", slot_mapping, self._kv_shape[:1], self._slot_dtype, dev, "another token count")
+        _plan.expect(
+            "slot_mapping", slot_mapping, self._kv_shape[:1], self._slot_dtype, dev, "another token count", dense=True
+        )
         if self.num_tokens:
             self._kernel(
                 k,

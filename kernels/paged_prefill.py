@@ -483,7 +483,7 @@ class PagedPrefillPlan(_plan.AttentionPlan):
         _plan.expect("q", q, self._out_shape, self._out_dtype, dev, "another token count or head count")
         _plan.check_caches(k_cache, v_cache, self)
         _plan.expect("block_table", block_table, self._table_shape, torch.int32, dev, "another batch")
-        _plan.expect("cu_seqlens_q", cu_seqlens_q, (self.batch + 1,), torch.int32, dev, "another batch")
+        _plan.expect("cu_seqlens_q", cu_seqlens_q, (self.batch + 1,), torch.int32, dev, "another batch", dense=True)
         _plan.expect("seq_lens", seq_lens, self._table_shape[:1], torch.int32, dev, "another batch")
         sinks = self._sinks(sinks)
         out, lse = self._outputs(out, lse)

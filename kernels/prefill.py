@@ -414,8 +414,8 @@ class PrefillPlan(_plan.AttentionPlan):
         _plan.expect("q", q, self._out_shape, dtype, dev, "another token count or head count")
         _plan.expect("k", k, self._kv_shape, dtype, dev, "another token count or head count")
         _plan.expect("v", v, self._kv_shape, dtype, dev, "another token count or head count")
-        _plan.expect("cu_seqlens_q", cu_seqlens_q, self._cu_shape, torch.int32, dev, "another batch")
-        _plan.expect("cu_seqlens_k", cu_seqlens_k, self._cu_shape, torch.int32, dev, "another batch")
+        _plan.expect("cu_seqlens_q", cu_seqlens_q, self._cu_shape, torch.int32, dev, "another batch", dense=True)
+        _plan.expect("cu_seqlens_k", cu_seqlens_k, self._cu_shape, torch.int32, dev, "another batch", dense=True)
         sinks = self._sinks(sinks)
         out, lse = self._outputs(out, lse)
         if self._launches:

@@ -345,6 +345,8 @@ def test_a_write_plan_refuses_another_token_count(gen):
         plan.run(k[:4], k[:4], kv.k_cache, kv.v_cache, slots)
     with pytest.raises(ValueError, match="slot_mapping does not fit this plan"):
         plan.run(k[:4], k[:4], kv.k_cache, kv.v_cache, slots[:4].int())
+    with pytest.raises(ValueError, match="slot_mapping must be contiguous"):  # the kernel reads it densely
+        plan.run(k[:4], k[:4], kv.k_cache, kv.v_cache, torch.arange(8, device=DEVICE)[::2])
 
 
 def test_plans_check_host_metadata(gen):
