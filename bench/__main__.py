@@ -2,6 +2,9 @@
 
 Measures the device's ceilings, then our kernels and their peers on every shape of the sweep, writing the JSON
 results file after every measurement and printing a table at the end. See ``bench/NOTES.md``.
+
+``python -m bench host [--out FILE]`` measures the CPU cost of our launch path instead (kernels stubbed; runs on
+CPU and GPU alike): see :mod:`bench.host`.
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ def _heads(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(pairs)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _choices(allowed: tuple[str, ...]):
     def parse(text: str) -> tuple[str, ...]:
         items = tuple(t.strip() for t in text.split(",") if t.strip())
@@ -63,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Microbenchmarks of phaseattn's kernels against PyTorch SDPA and FlexAttention, with the "
         "device's ceilings measured in the same run.",
     )
-    p.add_argument("what", choices=("prefill", "decode", "extend", "all"))
+    p.add_argument("what", choices=("prefill", "decode", "extend", "all", "host"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the interpreter (not performance)")
     p.add_argument("--quick", action="store_true", help="only the headline shapes the README quotes")
     p.add_argument("--out", type=Path, help="results file (default: bench/results/<device>-<date>.json)")
@@ -96,6 +106,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--kv-dtypes", type=_choices(("bf16", "fp8")), help="e.g. bf16,fp8")
     g = p.add_argument_group("both sweeps")
     g.add_argument("--heads", type=_heads, help="q/kv head pairs, e.g. 32/8,32/32")
+    g = p.add_argument_group("host (launch-path CPU cost)")
+    g.add_argument("--calls", type=_positive_int, default=200, help="calls per timing round")
+    g.add_argument("--rounds", type=_positive_int, default=7, help="timing rounds (the median is reported)")
+    g.add_argument(
+        "--engine-batches",
+        type=lambda text: () if text.strip() == "none" else _ints(text),
+        default=(1, 64),
+        help="decode batch sizes of the engine part, or 'none'",
+    )
+    g.add_argument("--engine-layers", type=_positive_int, default=32, help="layers of the engine part's model")
+    g.add_argument("--engine-steps", type=_positive_int, default=5, help="timed decode steps per batch size")
     g = p.add_argument_group("timing")
     g.add_argument("--warmup-ms", type=float, default=25.0)
     g.add_argument("--rep-ms", type=float, default=100.0)
@@ -164,6 +185,30 @@ def default_out(env: dict, smoke: bool) -> Path:
     return RESULTS_DIR / f"{slug}-{stamp}.json"
 
 
+def host_main(args: argparse.Namespace) -> int:
+    """``python -m bench host``: the table on stdout, the document in ``--out`` when given."""
+    import json
+
+    from bench import host
+
+    data = host.run(
+        calls=args.calls,
+        rounds=args.rounds,
+        engine_batches=args.engine_batches,
+        engine_layers=args.engine_layers,
+        engine_steps=args.engine_steps,
+        commit=args.commit,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(f"device: {data['environment']['device_name']}; kernels: {data['environment']['kernels_mode']}")
+    print(host.format_table(data))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"results: {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Ctrl-C exits 130 with one line; a results file already started keeps every measurement taken, with status
     "interrupted"."""
@@ -184,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None, progress: dict) -> int:
     args = parse_args(argv)
+    if args.what == "host":
+        return host_main(args)
     # Both decided before kernels is imported: smoke runs always go through the interpreter on CPU.
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"

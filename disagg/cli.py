@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
         p.add_argument("--top-k", type=int, default=0, help="0: off")
         p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+        p.add_argument("--min-p", type=float, default=0.0, help="0: off")
         p.add_argument("--seed", type=int, default=0, help="request i samples with seed SEED + i")
         p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
         p.add_argument(
@@ -166,6 +167,7 @@ def _requests(args: argparse.Namespace, tokenizer: Tokenizer | None) -> list[Req
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
+            min_p=args.min_p,
             seed=args.seed + i,
             eos_token_ids=() if args.ignore_eos else None,
         )

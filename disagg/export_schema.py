@@ -98,6 +98,7 @@ SAMPLING: dict[str, tuple[Callable[[Any], bool], str]] = {
     "temperature": (_number(0, 1e9), "a finite number >= 0"),
     "top_k": (_int(0, MAX_TOKENS), f"an int in 0..{MAX_TOKENS}"),
     "top_p": (_number(0, 1), "a number in (0, 1]"),
+    "min_p": (_number(0, 1), "a number in [0, 1]"),
     "seed": (_int(-(2**63), 2**64 - 1), "a 64-bit int"),
     "eos_token_ids": (_optional(_token_list), "null or a list of at most 1024 token ids"),
 }

@@ -15,8 +15,9 @@ class SamplingParams:
     """How a request's tokens are chosen and when it stops.
 
     temperature 0 is greedy (argmax); otherwise logits / temperature, then top-k (0: off), then top-p (nucleus;
-    1.0: off), then a draw seeded by ``seed`` and the token's index, so a request's output depends on nothing but
-    its prompt and these settings (not on its batch, its stage or its process). ``eos_token_ids`` None means the
+    1.0: off) and min-p (drop tokens less likely than min_p times the most likely one; 0: off), then a draw seeded
+    by ``seed`` and the token's index, so a request's output depends on nothing but its prompt and these settings
+    (not on its batch, its stage or its process). See :mod:`disagg.sampling`. ``eos_token_ids`` None means the
     model's end-of-sequence tokens; ``()`` never stops early.
     """
 
@@ -24,6 +25,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     seed: int = 0
     eos_token_ids: tuple[int, ...] | None = None
 
@@ -38,6 +40,8 @@ class SamplingParams:
             raise RequestError(f"top_k must be an int >= 0 (0: off), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.min_p, (int, float)) and 0 <= self.min_p <= 1):
+            raise RequestError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not isinstance(self.seed, int):
             raise RequestError(f"seed must be an int, got {self.seed!r}")
 

@@ -35,11 +35,12 @@ CONFIG = ModelConfig(
 )
 
 
-def state_dict() -> dict[str, torch.Tensor]:
+def state_dict(config: ModelConfig = CONFIG) -> dict[str, torch.Tensor]:
     """float32 CPU tensors under Hugging Face names. Linear weights ~ N(0, 1/fan_in) keep activations O(1) through
-    the layers, so logits are well spread and greedy decoding is stable across devices."""
+    the layers, so logits are well spread and greedy decoding is stable across devices. Another Llama ``config``
+    (more layers, other shapes; untied embeddings) gets random weights drawn the same way (tests, benchmarks)."""
     gen = torch.Generator().manual_seed(SEED)
-    c = CONFIG
+    c = config
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
 
     def linear(out_features: int, in_features: int) -> torch.Tensor:

@@ -7,6 +7,9 @@ Public API:
     paged_prefill_attention  new query tokens per sequence over a paged cache holding a prefix (chunked prefill,
                              prefix reuse, multi-token decode)
     merge_attention_states   exact combine of two partial attentions over disjoint key sets, through their LSEs
+    PagedDecodePlan, PagedPrefillPlan, PrefillPlan, WriteKVPlan, Workspace
+                             the same kernels planned once per step (host-side lengths: checks, split count,
+                             grid, workspace) and run per layer (launch only): see kernels._plan
     HEAD_DIMS                the head dims the attention kernels support
 
 The attention kernels all take ``sinks=`` (one float32 logit per query head that joins the softmax denominator).
@@ -27,15 +30,21 @@ if _runtime.INTERPRET:
 
     _interpreter_fixes.apply()
 
-from kernels.decode import paged_decode_attention
-from kernels.kv_cache import write_kv_cache
+from kernels._plan import Workspace
+from kernels.decode import PagedDecodePlan, paged_decode_attention
+from kernels.kv_cache import WriteKVPlan, write_kv_cache
 from kernels.merge import merge_attention_states
-from kernels.paged_prefill import paged_prefill_attention
-from kernels.prefill import prefill_attention
+from kernels.paged_prefill import PagedPrefillPlan, paged_prefill_attention
+from kernels.prefill import PrefillPlan, prefill_attention
 
 __all__ = [
     "HEAD_DIMS",
     "INTERPRET",
+    "PagedDecodePlan",
+    "PagedPrefillPlan",
+    "PrefillPlan",
+    "Workspace",
+    "WriteKVPlan",
     "debug_enabled",
     "merge_attention_states",
     "paged_decode_attention",

@@ -28,11 +28,13 @@ int32 (batch, max_pages); seq_lens int32 (batch,).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels import _paged, _runtime, _validate
+from kernels import _paged, _plan, _runtime, _validate
 from kernels._jit import LOG2E, add_sink, log2_logit_scale, online_softmax_step, scale_scores, softmax_finish
 from kernels._paged import load_scale, token_offsets
 from kernels.merge import merge_splits
@@ -364,3 +366,155 @@ def paged_decode_attention(
     if split:
         merge_splits(part_out, part_lse, out, lse, sinks, return_lse)
     return (out, lse) if return_lse else out
+
+
+class PagedDecodePlan(_plan.AttentionPlan):
+    """:func:`paged_decode_attention` planned once per decode step, run per layer (see :mod:`kernels._plan`).
+
+    Args:
+        k_cache, v_cache: any layer's caches: the layout (shape, dtype, strides, device) every layer's must have.
+        seq_lens: the step's context lengths on the host (list of ints or CPU tensor), each >= 0 (0: a padding
+            row), the query included. The device ``seq_lens`` given to :meth:`run` must hold the same values.
+        num_q_heads: query heads (a multiple of the cache's KV heads); q_dtype: the query's dtype.
+        block_table_width: columns of the block table given to :meth:`run`.
+        block_table: optionally the block table on the host (list of lists or CPU tensor): its used page ids are
+            then checked to be pages of the cache.
+        sm_scale, softcap, window, k_scale, v_scale, num_splits, return_lse: as in :func:`paged_decode_attention`
+            (``num_splits=None`` is chosen here from the host lengths, exactly as the one-call function would).
+        with_sinks: every :meth:`run` gets this layer's ``sinks`` (float32 (num_q_heads,)).
+        workspace: where split partials live (a new one when None): pass one :class:`kernels.Workspace` to every
+            step's plan to reuse its memory.
+        config: ``{"BLOCK_N", "num_warps", "num_stages"}`` (default: :func:`default_config`).
+
+    Raises:
+        TypeError / ValueError naming the argument, for malformed metadata.
+    """
+
+    def __init__(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        seq_lens: Sequence[int] | torch.Tensor,
+        *,
+        num_q_heads: int,
+        q_dtype: torch.dtype,
+        block_table_width: int,
+        block_table: Sequence[Sequence[int]] | torch.Tensor | None = None,
+        sm_scale: float | None = None,
+        softcap: float | None = None,
+        window: int | None = None,
+        k_scale: float | torch.Tensor | None = None,
+        v_scale: float | torch.Tensor | None = None,
+        num_splits: int | None = None,
+        return_lse: bool = False,
+        with_sinks: bool = False,
+        workspace: _plan.Workspace | None = None,
+        config: dict | None = None,
+    ):
+        layout = _paged.cache_layout(k_cache, v_cache)
+        device = k_cache.device
+        lens = _plan.host_ints("seq_lens", seq_lens)
+        batch = len(lens)
+        _plan.check_paged_options(layout, num_q_heads, q_dtype, block_table_width, sm_scale, softcap, window)
+        _plan.check_num_splits(num_splits, MAX_SPLITS)
+        ks, vs, ks_in_memory, vs_in_memory = _paged.scale_args(layout, k_scale, v_scale, device)
+        longest = _plan.check_host_lengths(lens, layout, block_table_width)
+        if block_table is not None:
+            _plan.check_host_pages(block_table, lens, layout, block_table_width)
+        if num_splits is None:
+            context = longest if window is None else min(longest, window)
+            num_splits = choose_num_splits(batch, layout.num_kv_heads, context, _runtime.sm_count(device))
+
+        self.batch, self.num_q_heads, self.num_splits = batch, num_q_heads, num_splits
+        self.return_lse, self.with_sinks, self.device, self.layout = return_lse, with_sinks, device, layout
+        self._out_shape = (batch, num_q_heads, layout.head_dim)
+        self._out_dtype = q_dtype
+        self._lse_shape = (batch, num_q_heads)
+        self._table_shape = (batch, block_table_width)
+        self._init_outputs()
+        if num_splits > 1:
+            self._partials = (workspace or _plan.Workspace(device)).partials(
+                batch, num_q_heads, num_splits, layout.head_dim
+            )
+        else:
+            self._partials = None
+        head_dim, group = layout.head_dim, num_q_heads // layout.num_kv_heads
+        programs = batch * layout.num_kv_heads * num_splits
+        self._kernel = _decode_kernel[(batch, layout.num_kv_heads, num_splits)]  # bound once: run only calls it
+        self._scales = (ks, vs)
+        self._scalars = (
+            num_q_heads,
+            log2_logit_scale(head_dim, sm_scale),
+            float(softcap or 0.0),
+            int(window or 0),
+            min(8, triton.next_power_of_2(triton.cdiv(max(programs, 1), _runtime.sm_count(device)))),
+        )
+        self._constexprs = {
+            "GROUP": group,
+            "HEAD_DIM": head_dim,
+            "BLOCK_D": triton.next_power_of_2(head_dim),
+            "BLOCK_H": max(16, triton.next_power_of_2(group)),
+            "PAGE_SIZE": layout.page_size,
+            "IS_FP8": layout.is_fp8,
+            "K_SCALE_IN_MEMORY": ks_in_memory,
+            "V_SCALE_IN_MEMORY": vs_in_memory,
+            "HAS_WINDOW": window is not None,
+            "HAS_SOFTCAP": softcap is not None,
+            "HAS_SINKS": with_sinks,
+            "SPLIT": num_splits > 1,
+            "STORE_LSE": return_lse,
+            "PRECISION": "ieee" if q_dtype == torch.float32 else "tf32",
+            **(config or default_config(head_dim, group, q_dtype)),
+        }
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        *,
+        sinks: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+        lse: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One layer's attention: as :func:`paged_decode_attention` with the plan's options.
+
+        q: (batch, num_q_heads, head_dim) in the planned dtype; k_cache/v_cache: this layer's caches in the planned
+        layout; block_table: int32 (batch, block_table_width); seq_lens: int32 (batch,) holding the planned lengths;
+        sinks: this layer's, when planned with_sinks. ``out`` (any strides) and, with return_lse, ``lse``
+        (contiguous) are written when given. Returns out, or (out, lse) when the plan was made with return_lse.
+        """
+        dev = self.device
+        _plan.expect("q", q, self._out_shape, self._out_dtype, dev, "another batch or head count")
+        _plan.check_caches(k_cache, v_cache, self)
+        _plan.expect("block_table", block_table, self._table_shape, torch.int32, dev, "another batch")
+        _plan.expect("seq_lens", seq_lens, self._table_shape[:1], torch.int32, dev, "another batch")
+        sinks = self._sinks(sinks)
+        out, lse = self._outputs(out, lse)
+        if self.batch:
+            part_out, part_lse = self._partials or (out, lse)
+            self._kernel(
+                q,
+                k_cache,
+                v_cache,
+                block_table,
+                seq_lens,
+                out,
+                lse,
+                part_out,
+                part_lse,
+                part_lse if sinks is None else sinks,
+                *self._scales,
+                *q.stride(),
+                *self.layout.strides,
+                *block_table.stride(),
+                seq_lens.stride(0),
+                *out.stride(),
+                *self._scalars,
+                **self._constexprs,
+            )
+            if self._partials is not None:
+                merge_splits(part_out, part_lse, out, lse, sinks, self.return_lse)
+        return (out, lse) if self.return_lse else out

@@ -8,11 +8,13 @@ caches store the values unchanged (their dtype must match).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels import _paged, _runtime, _validate
+from kernels import _paged, _plan, _runtime, _validate
 from kernels._paged import fp8_saturate, load_scale, slot_offsets
 
 
@@ -71,6 +73,11 @@ def _write_kernel(
     _store_rows(
         V, VCache, t64 * stride_vt + head * stride_vh, rows_cache, offs_d, mask, stride_vd, stride_cd, vs, IS_FP8
     )
+
+
+def _block_tokens(block_d: int) -> int:
+    """Tokens per program: big blocks for the interpreter (its cost is per program), ~4k elements on a GPU."""
+    return 128 if _runtime.INTERPRET else max(8, 4096 // block_d)
 
 
 def write_kv_cache(
@@ -136,8 +143,7 @@ def write_kv_cache(
         return
 
     block_d = triton.next_power_of_2(head_dim)
-    # Big blocks for the interpreter (cost is per program); ~4k elements per program on a GPU.
-    block_t = 128 if _runtime.INTERPRET else max(8, 4096 // block_d)
+    block_t = _block_tokens(block_d)
     _write_kernel[(triton.cdiv(num_tokens, block_t), num_kv_heads)](
         k,
         v,
@@ -159,3 +165,96 @@ def write_kv_cache(
         V_SCALE_IN_MEMORY=vs_in_memory,
         num_warps=4,
     )
+
+
+class WriteKVPlan:
+    """:func:`write_kv_cache` planned once per step, run per layer (see :mod:`kernels._plan`).
+
+    Args:
+        k_cache, v_cache: any layer's caches: the layout every layer's must have.
+        num_tokens: how many tokens each :meth:`run` writes.
+        kv_dtype: dtype of the k/v given to :meth:`run` (the cache's, or any float dtype for an fp8 cache).
+        slot_mapping: optionally the slots on the host (list of ints or CPU tensor), checked to be < the cache's
+            slot count (negative: padding); the device ``slot_mapping`` given to :meth:`run` must hold the same.
+        slot_dtype: int32 or int64, the device slot_mapping's dtype.
+        k_scale, v_scale: as in :func:`write_kv_cache` (fp8 caches only).
+    """
+
+    def __init__(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        num_tokens: int,
+        *,
+        kv_dtype: torch.dtype,
+        slot_mapping: Sequence[int] | torch.Tensor | None = None,
+        slot_dtype: torch.dtype = torch.int64,
+        k_scale: float | torch.Tensor | None = None,
+        v_scale: float | torch.Tensor | None = None,
+    ):
+        layout = _paged.cache_layout(k_cache, v_cache)
+        device = k_cache.device
+        if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        if kv_dtype not in _validate.FLOAT_DTYPES:
+            raise TypeError(f"kv_dtype must be one of {_validate.FLOAT_DTYPES}, got {kv_dtype}")
+        if not layout.is_fp8 and kv_dtype != layout.dtype:
+            raise TypeError(
+                f"kv_dtype {kv_dtype} must be the cache's dtype {layout.dtype} (a non-fp8 cache stores as-is)"
+            )
+        if slot_dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"slot_dtype must be torch.int32 or torch.int64, got {slot_dtype}")
+        ks, vs, ks_in_memory, vs_in_memory = _paged.scale_args(layout, k_scale, v_scale, device)
+        if slot_mapping is not None:
+            slots = _plan.host_ints("slot_mapping", slot_mapping)
+            if len(slots) != num_tokens:
+                raise ValueError(f"slot_mapping must have one slot per token ({num_tokens}), got {len(slots)}")
+            top = max(slots, default=-1)
+            if top >= layout.num_slots:
+                raise ValueError(
+                    f"slot_mapping holds slot {top}, but the cache has {layout.num_slots} slots "
+                    f"({layout.num_pages} pages of {layout.page_size})"
+                )
+        self.num_tokens, self.device, self.layout = num_tokens, device, layout
+        self._kv_shape = (num_tokens, layout.num_kv_heads, layout.head_dim)
+        self._kv_dtype, self._slot_dtype = kv_dtype, slot_dtype
+        self._scales = (ks, vs)
+        block_d = triton.next_power_of_2(layout.head_dim)
+        block_t = _block_tokens(block_d)
+        self._kernel = _write_kernel[(triton.cdiv(num_tokens, block_t), layout.num_kv_heads)]
+        self._constexprs = {
+            "HEAD_DIM": layout.head_dim,
+            "BLOCK_D": block_d,
+            "BLOCK_T": block_t,
+            "PAGE_SIZE": layout.page_size,
+            "IS_FP8": layout.is_fp8,
+            "K_SCALE_IN_MEMORY": ks_in_memory,
+            "V_SCALE_IN_MEMORY": vs_in_memory,
+            "num_warps": 4,
+        }
+
+    def run(
+        self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Write one layer's new K/V: as :func:`write_kv_cache`, with the planned shapes."""
+        dev = self.device
+        _plan.expect("k", k, self._kv_shape, self._kv_dtype, dev, "another token count")
+        _plan.expect("v", v, self._kv_shape, self._kv_dtype, dev, "another token count")
+        _plan.check_caches(k_cache, v_cache, self)
+        _plan.expect(
+            "slot_mapping", slot_mapping, self._kv_shape[:1], self._slot_dtype, dev, "another token count", dense=True
+        )
+        if self.num_tokens:
+            self._kernel(
+                k,
+                v,
+                k_cache,
+                v_cache,
+                slot_mapping,
+                *self._scales,
+                self.num_tokens,
+                *k.stride(),
+                *v.stride(),
+                *self.layout.strides,
+                **self._constexprs,
+            )

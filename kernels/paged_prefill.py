@@ -34,11 +34,13 @@ seq_lens int32 (batch,).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels import _paged, _runtime, _validate
+from kernels import _paged, _plan, _runtime, _validate
 from kernels._jit import LOG2E, add_sink, attend_tiles, key_tiles, log2_logit_scale, softmax_finish
 from kernels._paged import load_scale
 from kernels.decode import MAX_SPLITS, choose_num_splits
@@ -371,3 +373,165 @@ def paged_prefill_attention(
     if split:
         merge_splits(part_out, part_lse, out, lse, sinks, return_lse)
     return (out, lse) if return_lse else out
+
+
+class PagedPrefillPlan(_plan.AttentionPlan):
+    """:func:`paged_prefill_attention` planned once per step, run per layer (see :mod:`kernels._plan`).
+
+    Args:
+        k_cache, v_cache: any layer's caches: the layout every layer's must have.
+        query_lens: each sequence's new query count Lq_b on the host (list of ints or CPU tensor); the device
+            ``cu_seqlens_q`` given to :meth:`run` must be their running sums, from 0.
+        seq_lens: each sequence's cached token count on the host, each >= its Lq_b; the device ``seq_lens`` given
+            to :meth:`run` must hold the same values.
+        num_q_heads: query heads (a multiple of the cache's KV heads); q_dtype: the query's dtype.
+        block_table_width: columns of the block table given to :meth:`run`.
+        block_table: optionally the block table on the host (list of lists or CPU tensor), whose used page ids
+            are then checked.
+        causal, sm_scale, softcap, window, k_scale, v_scale, num_splits, return_lse: as in
+            :func:`paged_prefill_attention` (``num_splits=None`` is chosen here from the host lengths, exactly as
+            the one-call function would).
+        with_sinks: every :meth:`run` gets this layer's ``sinks`` (float32 (num_q_heads,)).
+        workspace: where split partials live (a new one when None); see :class:`kernels.Workspace`.
+        config: a :func:`launch_config`-shaped dict (default: ``launch_config`` for the longest query run).
+    """
+
+    def __init__(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        query_lens: Sequence[int] | torch.Tensor,
+        seq_lens: Sequence[int] | torch.Tensor,
+        *,
+        num_q_heads: int,
+        q_dtype: torch.dtype,
+        block_table_width: int,
+        block_table: Sequence[Sequence[int]] | torch.Tensor | None = None,
+        causal: bool = True,
+        sm_scale: float | None = None,
+        softcap: float | None = None,
+        window: int | None = None,
+        k_scale: float | torch.Tensor | None = None,
+        v_scale: float | torch.Tensor | None = None,
+        num_splits: int | None = None,
+        return_lse: bool = False,
+        with_sinks: bool = False,
+        workspace: _plan.Workspace | None = None,
+        config: dict | None = None,
+    ):
+        layout = _paged.cache_layout(k_cache, v_cache)
+        device = k_cache.device
+        q_lens = _plan.host_ints("query_lens", query_lens)
+        lens = _plan.host_ints("seq_lens", seq_lens)
+        if len(q_lens) != len(lens):
+            raise ValueError(f"query_lens has {len(q_lens)} sequences but seq_lens has {len(lens)}")
+        batch = len(lens)
+        _plan.check_paged_options(layout, num_q_heads, q_dtype, block_table_width, sm_scale, softcap, window)
+        if window is not None and not causal:
+            raise ValueError("window requires causal=True (a sliding window is a causal mask with a lower edge)")
+        _plan.check_num_splits(num_splits, MAX_SPLITS)
+        ks, vs, ks_in_memory, vs_in_memory = _paged.scale_args(layout, k_scale, v_scale, device)
+        longest = _plan.check_host_lengths(lens, layout, block_table_width, q_lens)
+        if block_table is not None:
+            _plan.check_host_pages(block_table, lens, layout, block_table_width)
+        max_seqlen_q = max(q_lens, default=0)
+        group = num_q_heads // layout.num_kv_heads
+        config = config or launch_config(max_seqlen_q, group, layout.head_dim, q_dtype)
+        q_tiles = triton.cdiv(max_seqlen_q, config["BLOCK_Q"])
+        if num_splits is None:
+            context = longest if window is None else min(longest, window + max_seqlen_q)
+            num_splits = choose_num_splits(batch * q_tiles, layout.num_kv_heads, context, _runtime.sm_count(device))
+
+        total_q = sum(q_lens)
+        self.batch, self.num_q_heads, self.num_splits = batch, num_q_heads, num_splits
+        self.return_lse, self.with_sinks, self.device, self.layout = return_lse, with_sinks, device, layout
+        self._out_shape, self._out_dtype = (total_q, num_q_heads, layout.head_dim), q_dtype
+        self._lse_shape = (total_q, num_q_heads)
+        self._table_shape = (batch, block_table_width)
+        self._init_outputs()
+        self._launches = total_q > 0 and batch > 0 and q_tiles > 0
+        split = num_splits > 1
+        self._partials = None
+        if split and self._launches:
+            self._partials = (workspace or _plan.Workspace(device)).partials(
+                total_q, num_q_heads, num_splits, layout.head_dim
+            )
+        self._kernel = _paged_prefill_kernel[(batch * q_tiles, layout.num_kv_heads, num_splits)]
+        self._scales = (ks, vs)
+        self._scalars = (
+            batch,
+            num_q_heads,
+            log2_logit_scale(layout.head_dim, sm_scale),
+            float(softcap or 0.0),
+            int(window or 0),
+        )
+        self._constexprs = {
+            "GROUP": group,
+            "GROUP_P": triton.next_power_of_2(group),
+            "HEAD_DIM": layout.head_dim,
+            "BLOCK_D": triton.next_power_of_2(layout.head_dim),
+            "PAGE_SIZE": layout.page_size,
+            "IS_FP8": layout.is_fp8,
+            "K_SCALE_IN_MEMORY": ks_in_memory,
+            "V_SCALE_IN_MEMORY": vs_in_memory,
+            "CAUSAL": bool(causal),
+            "HAS_WINDOW": window is not None,
+            "HAS_SOFTCAP": softcap is not None,
+            "HAS_SINKS": with_sinks,
+            "SPLIT": split,
+            "STORE_LSE": return_lse,
+            "PRECISION": "ieee" if q_dtype == torch.float32 else "tf32",
+            **config,
+        }
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_table: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        seq_lens: torch.Tensor,
+        *,
+        sinks: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+        lse: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One layer's attention: as :func:`paged_prefill_attention` with the plan's options. q: (total_q,
+        num_q_heads, head_dim); block_table int32 (batch, block_table_width); cu_seqlens_q int32 (batch + 1,);
+        seq_lens int32 (batch,); ``out`` (any strides) and, with return_lse, ``lse`` (contiguous) are written when
+        given; ``sinks`` when planned with_sinks."""
+        dev = self.device
+        _plan.expect("q", q, self._out_shape, self._out_dtype, dev, "another token count or head count")
+        _plan.check_caches(k_cache, v_cache, self)
+        _plan.expect("block_table", block_table, self._table_shape, torch.int32, dev, "another batch")
+        _plan.expect("cu_seqlens_q", cu_seqlens_q, (self.batch + 1,), torch.int32, dev, "another batch", dense=True)
+        _plan.expect("seq_lens", seq_lens, self._table_shape[:1], torch.int32, dev, "another batch")
+        sinks = self._sinks(sinks)
+        out, lse = self._outputs(out, lse)
+        if self._launches:
+            part_out, part_lse = self._partials or (out, lse)
+            self._kernel(
+                q,
+                k_cache,
+                v_cache,
+                block_table,
+                seq_lens,
+                cu_seqlens_q,
+                lse if sinks is None else sinks,
+                out,
+                lse,
+                part_out,
+                part_lse,
+                *self._scales,
+                *q.stride(),
+                *self.layout.strides,
+                *block_table.stride(),
+                seq_lens.stride(0),
+                *out.stride(),
+                *self._scalars,
+                **self._constexprs,
+            )
+            if self._partials is not None:
+                merge_splits(part_out, part_lse, out, lse, sinks, self.return_lse)
+        return (out, lse) if self.return_lse else out

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels import _runtime, _validate
+from kernels import _plan, _runtime, _validate
 from kernels._jit import LOG2E, add_sink, attend_tiles, key_tiles, log2_logit_scale, softmax_finish
 
 HEAD_DIMS = _validate.HEAD_DIMS
@@ -310,3 +310,136 @@ def prefill_attention(
     elif return_lse:
         lse.fill_(float("-inf"))
     return (out, lse) if return_lse else out
+
+
+class PrefillPlan(_plan.AttentionPlan):
+    """:func:`prefill_attention` planned once per step, run per layer (see :mod:`kernels._plan`).
+
+    Args:
+        seqlens_q: each sequence's query count on the host (list of ints >= 0 or CPU tensor).
+        seqlens_k: each sequence's key count (default: seqlens_q). The device cu_seqlens given to :meth:`run` must
+            be the running sums of these, from 0.
+        num_q_heads, num_kv_heads, head_dim, dtype, device: q is (total_q, num_q_heads, head_dim) and k/v
+            (total_k, num_kv_heads, head_dim), all of ``dtype`` on ``device``.
+        causal, sm_scale, window, softcap, return_lse: as in :func:`prefill_attention`.
+        with_sinks: every :meth:`run` gets this layer's ``sinks`` (float32 (num_q_heads,)).
+        config: ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` (default: :func:`default_config`).
+    """
+
+    def __init__(
+        self,
+        seqlens_q: Sequence[int] | torch.Tensor,
+        seqlens_k: Sequence[int] | torch.Tensor | None = None,
+        *,
+        num_q_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        causal: bool = True,
+        sm_scale: float | None = None,
+        window: int | None = None,
+        softcap: float | None = None,
+        return_lse: bool = False,
+        with_sinks: bool = False,
+        config: dict | None = None,
+    ):
+        device = torch.device(device)
+        lens_q = _plan.host_ints("seqlens_q", seqlens_q)
+        lens_k = lens_q if seqlens_k is None else _plan.host_ints("seqlens_k", seqlens_k)
+        if len(lens_k) != len(lens_q):
+            raise ValueError(f"seqlens_q has {len(lens_q)} sequences but seqlens_k has {len(lens_k)}")
+        for name, lens in (("seqlens_q", lens_q), ("seqlens_k", lens_k)):
+            if lens and min(lens) < 0:
+                raise ValueError(f"{name} must be >= 0, got {name}[{lens.index(min(lens))}] = {min(lens)}")
+        batch = len(lens_q)
+        if batch > MAX_GRID_YZ:
+            raise ValueError(f"batch must be at most {MAX_GRID_YZ} sequences per call, got {batch}")
+        if dtype not in _validate.FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {_validate.FLOAT_DTYPES}, got {dtype}")
+        _plan.check_device(device)
+        _validate.head_dim("head_dim", head_dim, HEAD_DIMS)
+        _validate.gqa(num_q_heads, num_kv_heads)
+        _validate.positive_float("sm_scale", sm_scale)
+        _validate.positive_float("softcap", softcap)
+        _validate.window(window)
+        if window is not None and not causal:
+            raise ValueError("window requires causal=True (a sliding window is a causal mask with a lower edge)")
+        config = config or default_config(head_dim, dtype)
+        longest_q = max(lens_q, default=0)
+        m_blocks = triton.cdiv(longest_q, config["BLOCK_M"])
+        if m_blocks > MAX_GRID_YZ:
+            raise ValueError(f"the longest query sequence ({longest_q}) needs more than {MAX_GRID_YZ} query tiles")
+
+        total_q, total_k = sum(lens_q), sum(lens_k)
+        self.batch, self.num_q_heads, self.device, self.dtype = batch, num_q_heads, device, dtype
+        self.return_lse, self.with_sinks = return_lse, with_sinks
+        self._out_shape, self._out_dtype = (total_q, num_q_heads, head_dim), dtype
+        self._lse_shape = (total_q, num_q_heads)
+        self._kv_shape = (total_k, num_kv_heads, head_dim)
+        self._cu_shape = (batch + 1,)
+        self._init_outputs()
+        self._launches = total_q > 0 and batch > 0 and longest_q > 0
+        self._kernel = _prefill_kernel[(num_q_heads, batch, m_blocks)]  # bound once: run only calls it
+        self._scalars = (
+            num_q_heads,
+            log2_logit_scale(head_dim, sm_scale),
+            float(softcap or 0.0),
+            int(window or 0),
+            min(triton.next_power_of_2(max(longest_q, 1)), 16384),
+        )
+        self._constexprs = {
+            "GROUP": num_q_heads // num_kv_heads,
+            "HEAD_DIM": head_dim,
+            "BLOCK_D": triton.next_power_of_2(head_dim),
+            "CAUSAL": bool(causal),
+            "HAS_WINDOW": window is not None,
+            "HAS_SOFTCAP": softcap is not None,
+            "HAS_SINKS": with_sinks,
+            "STORE_LSE": return_lse,
+            "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            **config,
+        }
+
+    def run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        *,
+        sinks: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+        lse: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """One layer's attention: as :func:`prefill_attention` with the plan's options; ``out`` and (with
+        return_lse) ``lse`` (contiguous) are written when given; ``sinks`` when planned with_sinks."""
+        dev, dtype = self.device, self.dtype
+        _plan.expect("q", q, self._out_shape, dtype, dev, "another token count or head count")
+        _plan.expect("k", k, self._kv_shape, dtype, dev, "another token count or head count")
+        _plan.expect("v", v, self._kv_shape, dtype, dev, "another token count or head count")
+        _plan.expect("cu_seqlens_q", cu_seqlens_q, self._cu_shape, torch.int32, dev, "another batch", dense=True)
+        _plan.expect("cu_seqlens_k", cu_seqlens_k, self._cu_shape, torch.int32, dev, "another batch", dense=True)
+        sinks = self._sinks(sinks)
+        out, lse = self._outputs(out, lse)
+        if self._launches:
+            self._kernel(
+                q,
+                k,
+                v,
+                out,
+                lse,
+                cu_seqlens_q,
+                cu_seqlens_k,
+                lse if sinks is None else sinks,
+                *q.stride(),
+                *k.stride(),
+                *v.stride(),
+                *out.stride(),
+                *self._scalars,
+                **self._constexprs,
+            )
+        elif self.return_lse:
+            lse.fill_(float("-inf"))
+        return (out, lse) if self.return_lse else out

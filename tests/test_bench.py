@@ -288,3 +288,47 @@ def test_figure_without_results_says_so():
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels[0] == roofline_plot.ASSUMED_LABEL and all(s.startswith("analytic") for s in labels[1:])
     assert not any(len(c.get_offsets()) for c in fig.axes[0].collections)  # no measured point is drawn
+
+
+# ---- host: the launch path's CPU cost -------------------------------------------------------------------------
+
+
+def test_stubbed_launches_run_everything_but_the_kernel(gen):
+    """Inside stub_launches a launcher validates and allocates (a poisoned output stays NaN: nothing ran); bad
+    input is still refused; outside, the kernel runs again."""
+    import kernels
+    from bench.host import stub_launches
+
+    k, v = (torch.randn(5, 2, 32, generator=gen) for _ in range(2))
+    q = torch.randn(5, 4, 32, generator=gen)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with stub_launches():
+        assert torch.isnan(kernels.prefill_attention(q, k, v, cu, cu)).all()
+        with pytest.raises(ValueError, match="cu_seqlens_q must end"):
+            kernels.prefill_attention(q, k, v, cu[:2], cu[:2])
+    assert not torch.isnan(kernels.prefill_attention(q, k, v, cu, cu)).any()
+
+
+def test_host_command_writes_its_results(tmp_path):
+    out = tmp_path / "host.json"
+    args = ["--calls", "2", "--rounds", "1", "--engine-batches", "1,3", "--engine-layers", "2", "--engine-steps", "2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "host", *args, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["schema"] == "phaseattn-bench-host/1" and "device_name" in data["environment"]
+    kernels_timed = {r["kernel"] for r in data["per_call"]}
+    assert {"paged_decode_attention", "paged_prefill_attention", "prefill_attention", "write_kv_cache"} <= kernels_timed
+    assert {r["api"] for r in data["per_call"]} == {"one-call", "plan", "run", "run, out="}
+    assert all(r["cpu_us"] > 0 and r["wall_us"] > 0 for r in data["per_call"])
+    assert [r["batch"] for r in data["engine"]] == [1, 3]
+    for r in data["engine"]:
+        # every layer of a decode step writes its KV and attends: two calls into kernels per layer
+        assert r["layers"] == 2 and r["kernels_api_calls"] == 4 and r["steps"] >= 1
+        assert 0 < r["kernels_api_cpu_ms"] < r["step_cpu_ms"]
+    assert "engine decode step" in done.stdout and "paged_decode_attention" in done.stdout
