@@ -5,6 +5,7 @@ Public API:
     write_kv_cache           scatter new K/V into a paged cache (num_pages, page_size, kv_heads, head_dim); fp8
     paged_decode_attention   one query token per sequence over its paged KV cache (GQA, split-KV, fp8 KV)
     merge_attention_states   exact combine of two partial attentions over disjoint key sets, through their LSEs
+    register_transformers    make "phaseattn" an attn_implementation of Hugging Face transformers (optional extra)
 
 The kernels run compiled on CUDA tensors when a CUDA device is present, and in Triton's interpreter on CPU
 tensors otherwise (``TRITON_INTERPRET`` set by the user wins). See :mod:`kernels._runtime`.
@@ -22,6 +23,7 @@ if _runtime.INTERPRET:
     _interpreter_fixes.apply()
 
 from kernels.decode import paged_decode_attention
+from kernels.hf import register_transformers
 from kernels.kv_cache import write_kv_cache
 from kernels.merge import merge_attention_states
 from kernels.prefill import prefill_attention
@@ -32,6 +34,7 @@ __all__ = [
     "merge_attention_states",
     "paged_decode_attention",
     "prefill_attention",
+    "register_transformers",
     "set_debug",
     "write_kv_cache",
 ]
