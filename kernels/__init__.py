@@ -22,6 +22,7 @@ if _runtime.INTERPRET:
 
     _interpreter_fixes.apply()
 
+from kernels import _ops  # noqa: F401  (registers torch.ops.phaseattn.*, which the public functions call)
 from kernels.decode import paged_decode_attention
 from kernels.hf import register_transformers
 from kernels.kv_cache import write_kv_cache
