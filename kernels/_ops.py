@@ -14,29 +14,10 @@ Registered when ``kernels`` is imported. The ops have no autograd formula (the k
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from kernels import merge, prefill
 
-
-@torch.library.custom_op("phaseattn::prefill_attention", mutates_args=())
-def prefill_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    causal: bool,
-    sm_scale: float | None,
-    window: int | None,
-    softcap: float | None,
-    return_lse: bool,
-    max_seqlen_q: int,
-) -> tuple[Tensor, Tensor]:
-    """(out, lse) of :func:`kernels.prefill_attention`; lse is empty, (0,), unless ``return_lse``."""
-    return prefill.launch(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale, window, softcap, return_lse, max_seqlen_q
-    )
+prefill_attention = torch.library.custom_op("phaseattn::prefill_attention", prefill.launch, mutates_args=())
 
 
 @prefill_attention.register_fake
@@ -46,10 +27,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale, window, softcap, re
     return q.new_empty((total_q, num_q_heads, head_dim)), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("phaseattn::merge_attention_states", mutates_args=())
-def merge_attention_states(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
-    """(out, lse) of :func:`kernels.merge_attention_states`."""
-    return merge.launch(out_a, lse_a, out_b, lse_b)
+merge_attention_states = torch.library.custom_op("phaseattn::merge_attention_states", merge.launch, mutates_args=())
 
 
 @merge_attention_states.register_fake
