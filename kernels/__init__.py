@@ -4,8 +4,12 @@ Public API:
     prefill_attention        FlashAttention forward over packed varlen batches (causal, GQA, window, softcap)
     write_kv_cache           scatter new K/V into a paged cache (num_pages, page_size, kv_heads, head_dim); fp8
     paged_decode_attention   one query token per sequence over its paged KV cache (GQA, split-KV, fp8 KV)
+    paged_prefill_attention  new query tokens per sequence over a paged cache holding a prefix (chunked prefill,
+                             prefix reuse, multi-token decode)
     merge_attention_states   exact combine of two partial attentions over disjoint key sets, through their LSEs
     register_transformers    make "phaseattn" an attn_implementation of Hugging Face transformers (optional extra)
+
+The attention kernels all take ``sinks=`` (one float32 logit per query head that joins the softmax denominator).
 
 The kernels run compiled on CUDA tensors when a CUDA device is present, and in Triton's interpreter on CPU
 tensors otherwise (``TRITON_INTERPRET`` set by the user wins). See :mod:`kernels._runtime`.
@@ -27,6 +31,7 @@ from kernels.decode import paged_decode_attention
 from kernels.hf import register_transformers
 from kernels.kv_cache import write_kv_cache
 from kernels.merge import merge_attention_states
+from kernels.paged_prefill import paged_prefill_attention
 from kernels.prefill import prefill_attention
 
 __all__ = [
@@ -34,6 +39,7 @@ __all__ = [
     "debug_enabled",
     "merge_attention_states",
     "paged_decode_attention",
+    "paged_prefill_attention",
     "prefill_attention",
     "register_transformers",
     "set_debug",

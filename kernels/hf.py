@@ -13,8 +13,8 @@ attention function) and ``AttentionMaskInterface`` (the mask it is handed). Mode
 - padding-free inputs: ``cu_seq_lens_q/k`` + ``max_length_q/k`` keyword arguments (as transformers' flattening
   collator passes them), or ``position_ids`` of one row that restart (packed sequences);
 - the layer's ``sliding_window``, ``softcap`` (Gemma-2) and ``scaling`` keyword arguments, and attention sinks
-  (``s_aux``, or the module's ``sinks``, gpt-oss): a per-head logit that joins the softmax's denominator only.
-  With the kernel's log-sum-exp, ``out · sigmoid(lse − sink)`` is that softmax exactly.
+  (``s_aux``, or the module's ``sinks``, gpt-oss: a per-head logit that joins the softmax's denominator only),
+  which the kernel takes as ``sinks=``.
 
 What it refuses, with a ValueError naming the fallback (``attn_implementation="sdpa"``): a 4D or otherwise custom
 mask (including transformers' mask overlays), a sliding window over padding that is not one contiguous run per
@@ -143,7 +143,7 @@ def attention_forward(
         sm_scale=scaling,
         window=window,
         softcap=float(softcap) if softcap else None,
-        return_lse=isinstance(sinks, torch.Tensor),
+        sinks=sinks.detach().to(device=query.device, dtype=torch.float32) if isinstance(sinks, torch.Tensor) else None,
     )
 
     batch, num_q_heads, q_len, head_dim = query.shape
@@ -165,8 +165,6 @@ def attention_forward(
             max_seqlen_k=max_k,
             **options,
         )
-    if isinstance(out, tuple):
-        out = _apply_sinks(*out, sinks)
     return out.view(batch, q_len, num_q_heads, head_dim), None
 
 
@@ -208,7 +206,7 @@ def _packed_starts(position_ids: torch.Tensor | None, batch: int, q_len: int) ->
 
 def _padded(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, window: int | None, options: dict
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Attention of a padded batch: the mask's valid keys and queries become one varlen batch.
 
     Dropping padded keys keeps bottom-right causal masking exact because the queries are the last positions of the
@@ -234,7 +232,7 @@ def _padded(
     cu_k = torch.nn.functional.pad(n_k.cumsum(0), (1, 0)).to(torch.int32)
     rows_q = q_mask.reshape(-1).nonzero().flatten()
     rows_k = mask.reshape(-1).nonzero().flatten()
-    result = prefill_attention(
+    out = prefill_attention(
         q.reshape(-1, num_q_heads, head_dim)[rows_q],
         k.reshape(batch * keys, -1, head_dim)[rows_k],
         v.reshape(batch * keys, -1, head_dim)[rows_k],
@@ -244,16 +242,4 @@ def _padded(
         max_seqlen_k=int(n_k.max()),
         **options,
     )
-    out, lse = result if isinstance(result, tuple) else (result, None)
-    full = out.new_zeros(batch * q_len, num_q_heads, head_dim).index_copy_(0, rows_q, out)
-    if lse is None:
-        return full
-    full_lse = lse.new_full((batch * q_len, num_q_heads), float("-inf")).index_copy_(0, rows_q, lse)
-    return full, full_lse
-
-
-def _apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
-    """Attention with a sink logit per head: softmax over [logits, sink] drops the sink's column, so the output is
-    the sink-free one times exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink)."""
-    weight = torch.sigmoid(lse - sinks.to(device=lse.device, dtype=torch.float32))
-    return (out.float() * weight[..., None]).to(out.dtype)
+    return out.new_zeros(batch * q_len, num_q_heads, head_dim).index_copy_(0, rows_q, out)

@@ -91,13 +91,14 @@ def write_kv_cache(
             dtype (stored unchanged); for a float8_e4m3fn cache any of the three.
         k_cache, v_cache: (num_pages, page_size, num_kv_heads, head_dim) ("NHD" pages), same shape, dtype,
             strides and device; dtype float16, bfloat16, float32 or float8_e4m3fn (GPUs: compute capability
-            >= 8.9); page_size a power of two from 8 to 256. Written in place.
+            >= 8.9); page_size a power of two from 1 to 256. Written in place.
         slot_mapping: int32 or int64 (num_tokens,): token i goes to page ``slot // page_size`` at offset
             ``slot % page_size``. A negative slot skips the token (padding). Slots must be < num_pages *
             page_size; two tokens with the same slot leave either one's values.
         k_scale, v_scale: required exactly for float8_e4m3fn caches: per-tensor float32 dequant scales, each a
             Python number or a 1-element float32 tensor on the cache's device (read in-kernel: no host sync).
-            The cache stores ``x / scale`` computed in fp32, saturated to ±448, rounded to nearest even.
+            The cache stores ``x / scale`` computed in fp32, saturated to ±448 (±inf too), rounded to nearest
+            even; NaN is stored as NaN.
 
     Slot values are checked (range) only where that needs no device-to-host sync: CPU tensors, or CUDA with
     ``kernels.set_debug(True)``. On CUDA without debug an out-of-range slot writes outside the cache.
@@ -123,7 +124,7 @@ def write_kv_cache(
         raise TypeError(f"k has dtype {k.dtype} but the cache has {layout.dtype}; a non-fp8 cache stores values as-is")
     if slot_mapping.shape[0] != num_tokens:
         raise ValueError(f"slot_mapping must have one slot per token ({num_tokens}), got {slot_mapping.shape[0]}")
-    ks, vs, ks_in_memory, vs_in_memory = _paged.scale_args(layout, k_scale, v_scale, k_cache.device)
+    ks, vs, _, _ = _paged.scale_args(layout, k_scale, v_scale, k_cache.device)
     if num_tokens and _runtime.values_checkable(slot_mapping):
         top = int(slot_mapping.max())
         if top >= layout.num_slots:
@@ -133,7 +134,28 @@ def write_kv_cache(
             )
     if num_tokens == 0:
         return
+    torch.ops.phaseattn.write_kv_cache(
+        k, v, k_cache, v_cache, slot_mapping, *_paged.scale_op_args(ks), *_paged.scale_op_args(vs)
+    )
 
+
+def launch(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    k_scale_value: float,
+    v_scale: torch.Tensor | None,
+    v_scale_value: float,
+) -> None:
+    """The launch behind ``torch.ops.phaseattn.write_kv_cache`` (see :mod:`kernels._ops`), on inputs
+    :func:`write_kv_cache` has validated (at least one token); writes k_cache and v_cache in place."""
+    layout = _paged.cache_layout(k_cache, v_cache)
+    num_tokens, num_kv_heads, head_dim = k.shape
+    ks, ks_in_memory = _paged.scale_from_op_args(k_scale, k_scale_value)
+    vs, vs_in_memory = _paged.scale_from_op_args(v_scale, v_scale_value)
     block_d = triton.next_power_of_2(head_dim)
     # Big blocks for the interpreter (cost is per program); ~4k elements per program on a GPU.
     block_t = 128 if _runtime.INTERPRET else max(8, 4096 // block_d)
