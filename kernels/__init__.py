@@ -11,6 +11,9 @@ Public API:
 
 The attention kernels all take ``sinks=`` (one float32 logit per query head that joins the softmax denominator).
 
+Each launch is a custom op, ``torch.ops.phaseattn.<name>`` (:mod:`kernels._ops`), so ``torch.compile`` traces the
+public functions without graph breaks.
+
 The kernels run compiled on CUDA tensors when a CUDA device is present, and in Triton's interpreter on CPU
 tensors otherwise (``TRITON_INTERPRET`` set by the user wins). See :mod:`kernels._runtime`.
 
