@@ -1,4 +1,4 @@
-"""``python -m bench prefill|decode|all [--smoke] [--quick] [--out FILE] [shape options]``
+"""``python -m bench prefill|decode|extend|all [--smoke] [--quick] [--out FILE] [shape options]``
 
 Measures the device's ceilings, then our kernels and their peers on every shape of the sweep, writing the JSON
 results file after every measurement and printing a table at the end. See ``bench/NOTES.md``.
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Microbenchmarks of phaseattn's kernels against PyTorch SDPA and FlexAttention, with the "
         "device's ceilings measured in the same run.",
     )
-    p.add_argument("what", choices=("prefill", "decode", "all"))
+    p.add_argument("what", choices=("prefill", "decode", "extend", "all"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the interpreter (not performance)")
     p.add_argument("--quick", action="store_true", help="only the headline shapes the README quotes")
     p.add_argument("--out", type=Path, help="results file (default: bench/results/<device>-<date>.json)")
@@ -110,14 +110,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_cases(args: argparse.Namespace) -> list:
-    """Headline shapes first, then the sweep; for ``all`` the two phases alternate so that a time budget leaves
-    both covered. A sweep shape equal to a headline shape is run once."""
-    from bench import decode, prefill
+    """Headline shapes first, then the sweep; for ``all`` the phases alternate so that a time budget leaves
+    each covered. A sweep shape equal to a headline shape is run once."""
+    from bench import decode, extend, prefill
 
     smoke = args.smoke
-    phases = ("prefill", "decode") if args.what == "all" else (args.what,)
+    phases = ("prefill", "decode", "extend") if args.what == "all" else (args.what,)
     heads = args.heads
-    lists = {"prefill": [], "decode": []}
+    lists = {"prefill": [], "decode": [], "extend": []}
     if "prefill" in phases:
         lists["prefill"] = prefill.headline(smoke)
         if not args.quick:
@@ -142,8 +142,14 @@ def build_cases(args: argparse.Namespace) -> list:
                 kv_dtypes=args.kv_dtypes or tuple(decode.KV_DTYPES),
                 heads=heads or (decode.SMOKE_HEADS if smoke else decode.DEFAULT_HEADS),
             )
+    if "extend" in phases:
+        lists["extend"] = extend.headline(smoke)
+        if not args.quick and not smoke:
+            lists["extend"] += extend.cases(heads=(heads or (extend.HEADS,))[0])
     merged, seen = [], set()
-    for case in itertools.chain.from_iterable(itertools.zip_longest(lists["prefill"], lists["decode"])):
+    for case in itertools.chain.from_iterable(
+        itertools.zip_longest(lists["prefill"], lists["decode"], lists["extend"])
+    ):
         if case is not None and case.key not in seen:
             seen.add(case.key)
             merged.append(case)
@@ -159,6 +165,24 @@ def default_out(env: dict, smoke: bool) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Ctrl-C exits 130 with one line; a results file already started keeps every measurement taken, with status
+    "interrupted"."""
+    progress: dict = {}  # "file", "cases", "done", filled in as the run gets there
+    try:
+        return _main(argv, progress)
+    except KeyboardInterrupt:
+        if "file" not in progress:
+            print("interrupted", file=sys.stderr)
+        else:
+            cases, done = progress.get("cases", 0), progress.get("done", 0)
+            progress["file"].finish("interrupted", cases - done)
+            print(
+                f"interrupted after {done} of {cases} shapes; partial results: {progress['file'].path}", file=sys.stderr
+            )
+        return 130
+
+
+def _main(argv: list[str] | None, progress: dict) -> int:
     args = parse_args(argv)
     # Both decided before kernels is imported: smoke runs always go through the interpreter on CPU.
     if args.smoke:
@@ -190,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     env = results.environment(device, kernels.INTERPRET, args.commit)
     out = args.out or default_out(env, args.smoke)
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    file = results.ResultsFile(out, command=command, env=env, smoke=args.smoke)
+    file = progress["file"] = results.ResultsFile(out, command=command, env=env, smoke=args.smoke)
     if args.smoke:
         log(results.SMOKE_NOTICE)
     log(f"device: {env['device_name']}; results: {out}")
@@ -221,11 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     cases = build_cases(args)
+    progress["cases"] = len(cases)
     sweep_peers = args.peers if args.sweep_peers is None else args.sweep_peers
     status, not_run = "complete", 0
     # The bar shows on a terminal; captured output (disable=None: not a TTY) gets an [i/n] prefix per line instead.
     bar = tqdm(cases, desc="shapes", unit="shape", file=sys.stderr, mininterval=2.0, dynamic_ncols=True, disable=None)
     for i, case in enumerate(bar):
+        progress["done"] = i
         ctx.log = lambda line, i=i: log(f"[{i + 1}/{len(cases)}] {line}")
         ctx.peers = args.peers if case.tier == "headline" else sweep_peers
         if args.budget_s is not None and time.monotonic() - start > args.budget_s:

@@ -139,11 +139,12 @@ def prefill_args(head_dim: int, dtype: torch.dtype, block_m: int, block_n: int, 
         "stride_kt": hkv * head_dim, "stride_kh": head_dim, "stride_kd": 1,
         "stride_vt": hkv * head_dim, "stride_vh": head_dim, "stride_vd": 1,
         "stride_ot": hq * head_dim, "stride_oh": head_dim, "stride_od": 1,
+        "Sinks": torch.float32,
         "num_q_heads": hq, "qk_scale": 0.1, "softcap": 0.0, "window": 7, "seqlen_bucket": 4096,
         "GROUP": hq // hkv, "HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
         "BLOCK_M": block_m, "BLOCK_N": block_n,
         "CAUSAL": flags.get("causal", True), "HAS_WINDOW": flags.get("window", False),
-        "HAS_SOFTCAP": flags.get("softcap", False), "STORE_LSE": True,
+        "HAS_SOFTCAP": flags.get("softcap", False), "HAS_SINKS": flags.get("sinks", False), "STORE_LSE": True,
         "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
     }  # fmt: skip
 
@@ -154,7 +155,7 @@ def prefill_reports(arch: int, tuned: bool) -> list[Report]:
     reports = []
     for head_dim in prefill.HEAD_DIMS:
         for dtype in (torch.bfloat16, torch.float32):
-            cfg = prefill.default_config(head_dim, dtype)
+            cfg = prefill.default_config(head_dim, dtype, arch)
             configs = [(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_warps"], cfg["num_stages"])]
             if tuned and dtype == torch.bfloat16 and head_dim in (64, 128, 256):
                 configs += [
@@ -187,7 +188,7 @@ def decode_args(head_dim: int, group: int, dtype: torch.dtype, block_n: int, fp8
         "GROUP": group, "HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
         "BLOCK_H": max(16, triton.next_power_of_2(group)), "BLOCK_N": block_n, "PAGE_SIZE": page,
         "IS_FP8": fp8, "K_SCALE_IN_MEMORY": fp8, "V_SCALE_IN_MEMORY": False,
-        "HAS_WINDOW": False, "HAS_SOFTCAP": False, "SPLIT": split, "STORE_LSE": True,
+        "HAS_WINDOW": False, "HAS_SOFTCAP": False, "HAS_SINKS": True, "SPLIT": split, "STORE_LSE": True,
         "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
     }  # fmt: skip
 
@@ -218,8 +219,9 @@ def decode_reports(arch: int, tuned: bool) -> list[Report]:
         block_d = triton.next_power_of_2(head_dim)
         merge_args = {
             "PartOut": torch.float32, "PartLse": torch.float32, "Out": torch.bfloat16, "Lse": torch.float32,
-            "num_splits": 33, "num_q_heads": 32, "stride_ob": 32 * head_dim, "stride_oh": head_dim, "stride_od": 1,
-            "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_S": max(16, 4096 // block_d), "STORE_LSE": True,
+            "Sinks": torch.float32, "num_splits": 33, "num_q_heads": 32, "stride_ob": 32 * head_dim, "stride_oh": head_dim, "stride_od": 1,
+            "HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_S": max(16, 4096 // block_d), "HAS_SINKS": True,
+            "STORE_LSE": True,
         }  # fmt: skip
         reports.append(compile_kernel(merge.merge_splits_kernel, merge_args, arch, 4, 1, f"merge splits d{head_dim}"))
         cache = torch.float8_e4m3fn if arch >= 89 else torch.bfloat16
@@ -245,13 +247,70 @@ def decode_reports(arch: int, tuned: bool) -> list[Report]:
     return reports
 
 
+def paged_prefill_args(
+    head_dim: int, group: int, dtype: torch.dtype, config: dict, fp8: bool = False, split: bool = False, **flags
+) -> dict[str, object]:
+    """Example arguments of ``kernels.paged_prefill._paged_prefill_kernel``: contiguous q (tokens, Hq, D), caches
+    with 8 KV heads and page_size 16, an int32 block table of 2048 columns; ``config`` from ``launch_config``."""
+    hkv, page, hq = 8, 16, 8 * group
+    cache = torch.float8_e4m3fn if fp8 else dtype
+    return {
+        "Q": dtype, "KCache": cache, "VCache": cache, "BlockTable": torch.int32, "SeqLens": torch.int32,
+        "CuSeqlensQ": torch.int32, "Sinks": torch.float32, "Out": dtype, "Lse": torch.float32,
+        "PartOut": torch.float32, "PartLse": torch.float32,
+        "k_scale": torch.float32 if fp8 else 1.0, "v_scale": 0.5 if fp8 else 1.0,
+        "stride_qt": hq * head_dim, "stride_qh": head_dim, "stride_qd": 1,
+        "stride_page": page * hkv * head_dim, "stride_token": hkv * head_dim, "stride_head": head_dim,
+        "stride_cd": 1, "stride_btb": 2048, "stride_btp": 1, "stride_sl": 1,
+        "stride_ot": hq * head_dim, "stride_oh": head_dim, "stride_od": 1,
+        "batch": 4, "num_q_heads": hq, "qk_scale": 0.1, "softcap": 0.0, "window": 7,
+        "GROUP": group, "GROUP_P": triton.next_power_of_2(group), "HEAD_DIM": head_dim,
+        "BLOCK_D": triton.next_power_of_2(head_dim), "BLOCK_Q": config["BLOCK_Q"], "BLOCK_M": config["BLOCK_M"],
+        "BLOCK_N": config["BLOCK_N"], "PAGE_SIZE": page, "IS_FP8": fp8, "K_SCALE_IN_MEMORY": fp8,
+        "V_SCALE_IN_MEMORY": False, "CAUSAL": True, "HAS_WINDOW": flags.get("window", False),
+        "HAS_SOFTCAP": flags.get("softcap", False), "HAS_SINKS": flags.get("sinks", True), "SPLIT": split,
+        "STORE_LSE": True, "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }  # fmt: skip
+
+
+PAGED_PREFILL_CASES = [  # (max_seqlen_q, group, head_dim, dtype, fp8): short (<= 16) and long query runs
+    (4, 4, 128, torch.bfloat16, False),
+    (16, 4, 128, torch.bfloat16, False),
+    (16, 8, 256, torch.bfloat16, False),
+    (512, 4, 128, torch.bfloat16, False),
+    (512, 4, 64, torch.bfloat16, False),
+    (512, 1, 256, torch.bfloat16, False),
+    (512, 4, 96, torch.bfloat16, False),
+    (512, 4, 128, torch.bfloat16, True),
+    (4, 4, 128, torch.bfloat16, True),
+    (512, 4, 128, torch.float32, False),
+    (4, 4, 64, torch.float32, False),
+]
+
+
+def paged_prefill_reports(arch: int) -> list[Report]:
+    """The paged prefill kernel at its launch configurations: short and long query runs, GQA 1/4/8, head dims
+    64-256, bf16 / fp8 KV / fp32, window and sinks on (the most registers), split partials."""
+    import kernels.paged_prefill as pp
+
+    reports = []
+    for max_q, group, head_dim, dtype, fp8 in PAGED_PREFILL_CASES:
+        if fp8 and arch < 89:
+            continue
+        cfg = pp.launch_config(max_q, group, head_dim, dtype)
+        args = paged_prefill_args(head_dim, group, dtype, cfg, fp8=fp8, split=True, window=True)
+        name = f"paged_prefill q{max_q} g{group} d{head_dim} {str(dtype)[6:]}{' fp8' if fp8 else ''}"
+        reports.append(compile_kernel(pp._paged_prefill_kernel, args, arch, cfg["num_warps"], cfg["num_stages"], name))
+    return reports
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "") != "0":
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "0"})
     tuned = "--tuned" in sys.argv
     failures = 0
     for arch in (90, 80):
-        for report in prefill_reports(arch, tuned) + decode_reports(arch, tuned):
+        for report in prefill_reports(arch, tuned) + decode_reports(arch, tuned) + paged_prefill_reports(arch):
             print(report.line(), flush=True)
             failures += not report.ok
     return 1 if failures else 0

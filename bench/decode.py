@@ -23,8 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from bench import peers, timing
-from bench.results import not_measured, shape_label
-from bench.runner import Contender, RunContext, run_all
+from bench.runner import Contender, RunContext, case_meta, run_all, skip_all
 from disagg import roofline
 
 Q_DTYPE = torch.bfloat16
@@ -114,12 +113,12 @@ class DecodeCase:
         contenders = ["phaseattn", *(p for p in peers.SDPA_BACKENDS if p in ctx.peers)]
         contenders += ["flex"] if "flex" in ctx.peers else []
         if not hasattr(kernels, "paged_decode_attention"):
-            return self._skip_all(ctx, contenders, "kernels.paged_decode_attention is not in this checkout")
+            return skip_all(ctx, self, contenders, "kernels.paged_decode_attention is not in this checkout")
         sets = timing.rotation_sets(int(self.nbytes), ctx.l2_bytes)
         mem_ours, mem_peers = self.memory(sets)
         if mem_ours > ctx.memory_budget:
             why = f"needs {gib(mem_ours)} of device memory, budget {gib(ctx.memory_budget)}"
-            return self._skip_all(ctx, contenders, why)
+            return skip_all(ctx, self, contenders, why)
 
         cache = self._fill(ctx, sets)
         run_peers = mem_ours + mem_peers <= ctx.memory_budget
@@ -142,9 +141,9 @@ class DecodeCase:
             extra={"num_splits": splits if splits is not None else "automatic (host sync inside the timed region)"},
         )
         if not run_peers:
-            entries, _ = run_all(ctx, [ours], **self._meta())
+            entries, _ = run_all(ctx, [ours], **case_meta(self))
             why = f"dense copies need {gib(mem_peers)} more device memory, budget {gib(ctx.memory_budget)}"
-            return entries + self._skip_all(ctx, contenders[1:], why)
+            return entries + skip_all(ctx, self, contenders[1:], why)
 
         q4 = [q.unsqueeze(2) for q in cache["q"]]  # (batch, q_heads, 1, head_dim)
         dense = [
@@ -156,7 +155,7 @@ class DecodeCase:
             peer_list.append(
                 peers.flex(dense, causal=False, seqlen_q=1, seqlen_k=self.context, device=ctx.device, layout=squeeze)
             )
-        entries, reference = run_all(ctx, [ours, *peer_list], **self._meta())
+        entries, reference = run_all(ctx, [ours, *peer_list], **case_meta(self))
 
         timed = [e for e in entries if e["kind"] == "peer" and e["status"] == "ok" and e["contender"] != "flex"]
         if timed:
@@ -168,7 +167,7 @@ class DecodeCase:
             extra = {"includes_gather": True, "gather_of": best}
             with_gather = peers.sdpa(best, gathering, causal=False, layout=squeeze, extra=extra)
             with_gather.name = f"{best}+gather"
-            more, _ = run_all(ctx, [with_gather], reference=reference, **self._meta())
+            more, _ = run_all(ctx, [with_gather], reference=reference, **case_meta(self))
             entries += more
         return entries
 
@@ -182,21 +181,6 @@ class DecodeCase:
         if rule is None:
             return None
         return rule(self.batch, self.kv_heads, self.context, _runtime.sm_count(ctx.device))
-
-    def _meta(self) -> dict:
-        return {"phase": self.phase, "tier": self.tier, "shape": self.shape, "flops": self.flops, "nbytes": self.nbytes}
-
-    def _skip_all(self, ctx: RunContext, names: list[str], why: str) -> list[dict]:
-        entries = []
-        for name in names:
-            kind = "ours" if name == "phaseattn" else "peer"
-            entry = not_measured(
-                self.phase, name, kind, self.shape, self.flops, self.nbytes, f"skipped: {why}", tier=self.tier
-            )
-            ctx.results.add(entry)
-            entries.append(entry)
-        ctx.log(f"decode  {shape_label(self.phase, self.shape)}: skipped: {why}")
-        return entries
 
     def _fill(self, ctx: RunContext, sets: int) -> dict:
         """A pool with ``sets`` × batch sequences of ``context`` tokens, its pages shuffled, written with

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from bench.runner import Contender
 
@@ -42,11 +43,16 @@ def given(qkv: BHSD) -> Callable[[], BHSD]:
 
 def sdpa(name: str, inputs: list[Callable[[], BHSD]], *, causal: bool, layout, extra=None) -> Contender:
     """SDPA forced onto one backend. ``inputs[i]()`` yields rotation set i's (q, k, v); for the decode peer that
-    includes the gather, so the gather is timed with the attention when the caller asks for it."""
+    includes the gather, so the gather is timed with the attention when the caller asks for it. With ``causal``
+    and fewer queries than keys the mask is bottom-right aligned (``causal_lower_right``), as ours."""
 
     def call(get: Callable[[], BHSD]) -> torch.Tensor:
         q, k, v = get()
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+        gqa = q.shape[1] != k.shape[1]
+        if causal and q.shape[2] != k.shape[2]:
+            mask = causal_lower_right(q.shape[2], k.shape[2])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
 
     return Contender(
         name=name,
@@ -76,10 +82,13 @@ def _causal(b, h, q_idx, kv_idx):
 
 
 def flex(inputs: list[Callable[[], BHSD]], *, causal: bool, seqlen_q: int, seqlen_k: int, device, layout) -> Contender:
-    """FlexAttention on the same tensors. Bottom-right causal equals top-left here because Sq == Sk when causal.
-    The block mask is built on the first (untimed) call, so a failure there is recorded against this peer."""
-    if causal and seqlen_q != seqlen_k:
-        raise ValueError("the flex peer's causal mask assumes Sq == Sk")
+    """FlexAttention on the same tensors, causal bottom-right aligned (query i sees key j iff
+    j <= i + Sk - Sq) as ours. The block mask is built on the first (untimed) call, so a failure there is
+    recorded against this peer."""
+    offset = seqlen_k - seqlen_q
+
+    def causal_lower_right_mod(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
 
     @functools.cache
     def block_mask():
@@ -87,7 +96,8 @@ def flex(inputs: list[Callable[[], BHSD]], *, causal: bool, seqlen_q: int, seqle
             return None
         from torch.nn.attention.flex_attention import create_block_mask
 
-        return create_block_mask(_causal, None, None, seqlen_q, seqlen_k, device=device)
+        mask_mod = _causal if offset == 0 else causal_lower_right_mod
+        return create_block_mask(mask_mod, None, None, seqlen_q, seqlen_k, device=device)
 
     def call(get: Callable[[], BHSD]) -> torch.Tensor:
         q, k, v = get()

@@ -7,7 +7,7 @@ every number it took; ``status`` says whether the run completed. Layout::
       "schema": "phaseattn-bench/1",
       "performance_numbers": true,          # false for --smoke runs (CPU interpreter): never plot those
       "notice": "...",                      # says plainly when the numbers are not performance numbers
-      "status": "running" | "complete" | "stopped: ...",
+      "status": "running" | "complete" | "stopped: ..." | "interrupted",
       "command": "python -m bench ...",
       "environment": {device_name, sm_count, memory_bytes, l2_bytes, torch, triton, cuda, cudnn, git_commit, ...},
       "conventions": {...},                 # how FLOPs, bytes and errors are counted (text)
@@ -247,6 +247,11 @@ def shape_label(phase: str, shape: dict[str, Any]) -> str:
             f"B={shape['batch']} ctx={shape['context']} d{shape['head_dim']} {heads} "
             f"page{shape['page_size']} {shape['kv_dtype']}"
         )
+    if phase == "extend":
+        return (
+            f"B={shape['batch']} prefix={shape['prefix']} new={shape['new']} d{shape['head_dim']} {heads} "
+            f"page{shape['page_size']}"
+        )
     return ", ".join(f"{k}={v}" for k, v in shape.items())
 
 
@@ -319,7 +324,7 @@ def headline_summary(data: dict[str, Any]) -> str:
             and not m.get("includes_gather")
         ]
         best = min(peers, key=lambda m: m["time_ms"], default=None)
-        if ours["phase"] == "prefill":
+        if ours["phase"] == "prefill" or (ours["phase"] == "extend" and ours["shape"]["new"] > 16):
             rate = f"{ours['tflops']:.0f} TFLOP/s = {_fmt(_pct(ours.get('frac_matmul')), '.0f')}% of matmul"
         else:
             rate = f"{ours['gbps']:.0f} GB/s = {_fmt(_pct(ours.get('frac_copy')), '.0f')}% of copy"

@@ -150,3 +150,22 @@ def _line(e: dict[str, Any], wall_s: float) -> str:
     rate = f"{e['tflops']:7.1f} TFLOP/s" if e["phase"] == "prefill" else f"{e['gbps']:7.0f} GB/s"
     err = f" err {e['max_rel_err']:.1e}" if e.get("max_rel_err") is not None else ""
     return f"{head} {e['time_ms'] * 1e3:10.1f} us {rate}{err} ({wall_s:.1f} s)"
+
+
+def case_meta(case: Any) -> dict[str, Any]:
+    """The keyword arguments of :func:`run_all` that describe a sweep case (phase, tier, shape, flops, bytes)."""
+    return {"phase": case.phase, "tier": case.tier, "shape": case.shape, "flops": case.flops, "nbytes": case.nbytes}
+
+
+def skip_all(ctx: RunContext, case: Any, names: list[str], why: str) -> list[dict[str, Any]]:
+    """Record every named contender (ours is "phaseattn") as skipped on ``case`` with the reason ``why``."""
+    entries = []
+    for name in names:
+        kind = "ours" if name == "phaseattn" else "peer"
+        entry = not_measured(
+            case.phase, name, kind, case.shape, case.flops, case.nbytes, f"skipped: {why}", tier=case.tier
+        )
+        ctx.results.add(entry)
+        entries.append(entry)
+    ctx.log(f"{case.phase:7} {shape_label(case.phase, case.shape)}: skipped: {why}")
+    return entries

@@ -20,6 +20,7 @@ _LAZY = {
     "make_pool": "disagg.engine",
     "PrefillStage": "disagg.prefill",
     "DecodeStage": "disagg.decode",
+    "ColocatedStage": "disagg.colocated",
     "EngineError": "disagg.errors",
 }
 

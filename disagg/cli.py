@@ -6,6 +6,8 @@
   into DIR (new or without exports, so decode never mixes two runs).
 - ``decode --import-dir DIR``: the decode stage alone, over every export in DIR (in file-name order); its output
   equals what ``run`` prints for the same requests.
+- ``run --mode colocated``: one pool, every step carrying the running decodes and prompt chunks together.
+- ``compare``: the same requests through both modes, measured side by side (:mod:`disagg.compare`).
 
 Request i gets the id "i" and the seed ``--seed + i``. A request that fails (empty or too long prompt, a refused
 export) is reported with its reason and the others go on; the exit status is then 1. Errors are printed without a
@@ -23,18 +25,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import kernels
+from disagg.compare import compare, format_comparison, output_rows, synthetic_requests
 from disagg.decode import DecodeStage
-from disagg.engine import Engine, make_pool
+from disagg.engine import MODES, Engine, make_pool
 from disagg.errors import EngineError
 from disagg.export import read_export_file, write_export
-from disagg.kv_pool import PAGE_SIZES
+from disagg.kv_pool import PAGE_SIZES, KVPool
 from disagg.loader import load_model
 from disagg.prefill import PrefillStage
 from disagg.request import Request, RequestOutput, SamplingParams
+from disagg.sim.workload import Poisson, length_dist
 from disagg.tokenizer import Tokenizer
 
 DEFAULT_PROMPTS = (
@@ -44,6 +49,7 @@ DEFAULT_PROMPTS = (
     "Hello",
 )
 KV_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
+MAX_PAGES = 2**31 - 1
 
 
 def _token_ids(text: str) -> list[int]:
@@ -60,6 +66,22 @@ def _positive(text: str) -> int:
     return value
 
 
+def _pages(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_PAGES:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_PAGES} (block tables hold int32 page ids), got {value}")
+    return value
+
+
+def _text(text: str) -> str:
+    """A prompt from the command line: the OS hands undecodable bytes over as surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 text: {text.encode('utf-8', 'surrogateescape')!r}") from None
+    return text
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
@@ -73,29 +95,50 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="both stages in one process")
     prefill = commands.add_parser("prefill", help="the prefill stage: prompts in, KV exports out")
     decode = commands.add_parser("decode", help="the decode stage: KV exports in, tokens out")
-    for p in (run, prefill, decode):
+    comp = commands.add_parser("compare", help="the same requests colocated and disaggregated, side by side")
+    for p in (run, prefill, decode, comp):
         p.add_argument("--model", default="tiny", help="'tiny' (embedded, the default) or a Hugging Face directory")
         p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
         p.add_argument("--kv-dtype", default="auto", choices=list(KV_DTYPES), help="KV cache dtype (auto: the model's)")
         p.add_argument("--page-size", type=int, default=16, choices=PAGE_SIZES, help="KV page size of the pool(s)")
-        p.add_argument("--num-pages", type=_positive, default=None, help="pages per pool (default: 16384 tokens)")
+        p.add_argument("--num-pages", type=_pages, default=None, help="pages per pool (default: 16384 tokens)")
         p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
-    for p in (run, prefill):
+        p.add_argument("--no-prefix-cache", action="store_true", help="compute every prompt token (no page reuse)")
+    for p in (run, prefill, comp):
         prompts = p.add_mutually_exclusive_group()
-        prompts.add_argument("--prompt", nargs="+", metavar="TEXT", help="prompts as text (needs a tokenizer)")
-        prompts.add_argument("--prompt-ids", nargs="+", type=_token_ids, metavar="IDS", help="prompts as ids: 1,2,3")
+        prompts.add_argument(
+            "--prompt",
+            nargs="+",
+            action="extend",
+            type=_text,
+            metavar="TEXT",
+            help="prompts as text (needs a tokenizer)",
+        )
+        prompts.add_argument(
+            "--prompt-ids", nargs="+", action="extend", type=_token_ids, metavar="IDS", help="prompts as ids: 1,2,3"
+        )
         p.add_argument("--max-new-tokens", type=_positive, default=32)
         p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
         p.add_argument("--top-k", type=int, default=0, help="0: off")
         p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
         p.add_argument("--seed", type=int, default=0, help="request i samples with seed SEED + i")
         p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
-        p.add_argument("--max-batch-tokens", type=_positive, default=8192, help="prompt tokens per prefill batch")
-    for p in (run, decode):
+        p.add_argument(
+            "--max-batch-tokens", type=_positive, default=8192, help="prompt tokens per step (longer prompts: chunks)"
+        )
+    for p in (run, decode, comp):
         p.add_argument("--max-batch-size", type=_positive, default=64, help="sequences per decode step")
-    run.add_argument(
-        "--decode-page-size", type=int, choices=PAGE_SIZES, help="decode pool page size (default: --page-size)"
-    )
+    for p in (run, comp):
+        p.add_argument(
+            "--decode-page-size", type=int, choices=PAGE_SIZES, help="decode pool page size (default: --page-size)"
+        )
+    run.add_argument("--mode", choices=MODES, default="disaggregated", help="deployment (colocated: single-process)")
+    comp.add_argument("--num-requests", type=_positive, help="a synthetic workload of N requests (default 8)")
+    comp.add_argument("--prompt-len", type=length_dist, default=length_dist("uniform:8,64"), metavar="DIST",
+                      help="synthetic prompt lengths: fixed:N | uniform:LO,HI | lognormal:MEAN,SIGMA[,MAX]")  # fmt: skip
+    comp.add_argument("--output-len", type=length_dist, default=length_dist("fixed:8"), metavar="DIST",
+                      help="synthetic output lengths (same syntax)")  # fmt: skip
+    comp.add_argument("--rate", type=_seconds, help="Poisson arrivals, requests/s (default: all at once)")
     run.add_argument(
         "--prefill-ranks",
         type=_positive,
@@ -148,7 +191,10 @@ def _report(args, model, tokenizer, outputs: list[RequestOutput], metrics: dict[
         if str(args.model) == "tiny":
             print("(tiny has random weights: its text is noise; --model PATH runs a Hugging Face checkpoint)")
         for o in outputs:
-            print(f"\n[{o.request_id}] prompt {_show(tokenizer, o.prompt_ids)} ({_count(len(o.prompt_ids), 'token')})")
+            cached = f", {o.cached_tokens} cached" if o.cached_tokens else ""
+            print(
+                f"\n[{o.request_id}] prompt {_show(tokenizer, o.prompt_ids)} ({_count(len(o.prompt_ids), 'token')}{cached})"
+            )
             if o.error is not None:
                 print(f"    error: {o.error}")
                 continue
@@ -198,43 +244,100 @@ def format_metrics(m: dict[str, Any]) -> str:
         )
     if m["imports"]:
         kv.append(f"KV import: {_count(m['imports'], 'request')}, {f(m['import_time_s'])}")
+    if m["kv_import_skipped_tokens"]:
+        kv.append(f"{m['kv_import_skipped_tokens']} imported tokens found cached")
     if m["decode_steps"]:
-        kv.append(f"decode: {m['decode_steps']} steps, mean batch {f(m['mean_decode_batch'], '')}")
+        mixed = f" ({m['mixed_steps']} with prefill chunks)" if m["mixed_steps"] else ""
+        kv.append(f"decode: {m['decode_steps']} steps{mixed}, mean batch {f(m['mean_decode_batch'], '')}")
     lines += ["   ".join(kv)] if kv else []
+    if m["prompt_tokens"]:
+        lines.append(
+            f"prefix cache: {m['cached_tokens']} of {m['prompt_tokens']} prompt tokens reused "
+            f"(hit rate {m['prefix_cache_hit_rate']:.1%})"
+        )
     lines.append(f"wall {f(m.get('wall_time_s'))}, kernels: {m['kernels']} on {m['device']}")
     return "\n".join(lines)
 
 
+def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "page_size": args.page_size,
+        "num_pages": args.num_pages,
+        "decode_page_size": args.decode_page_size,
+        "kv_dtype": KV_DTYPES[args.kv_dtype],
+        "max_batch_size": args.max_batch_size,
+        "max_batch_tokens": args.max_batch_tokens,
+        "prefix_cache": not args.no_prefix_cache,
+    }
+
+
+def _pool(args: argparse.Namespace, model) -> KVPool:
+    """The pool of a one-stage command (``prefill``, ``decode``)."""
+    kv_dtype, cache = KV_DTYPES[args.kv_dtype], not args.no_prefix_cache
+    return make_pool(model, page_size=args.page_size, num_pages=args.num_pages, kv_dtype=kv_dtype, prefix_cache=cache)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if args.prefill_ranks is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if args.mode == "colocated":
+            raise EngineError("--mode colocated runs in one process: drop torchrun / --prefill-ranks")
         from disagg.distributed import run_distributed
 
         return run_distributed(args)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     requests = _requests(args, tokenizer)
-    engine = Engine(
-        model,
-        page_size=args.page_size,
-        num_pages=args.num_pages,
-        decode_page_size=args.decode_page_size,
-        kv_dtype=KV_DTYPES[args.kv_dtype],
-        max_batch_size=args.max_batch_size,
-        max_batch_tokens=args.max_batch_tokens,
-    )
+    engine = Engine(model, mode=args.mode, **_engine_options(args))
     start = time.perf_counter()
     outputs = engine.generate(requests, progress=True)
-    metrics = {**engine.metrics.summary(outputs), "wall_time_s": time.perf_counter() - start}
+    metrics = {**engine.metrics.summary(outputs), "mode": args.mode, "wall_time_s": time.perf_counter() - start}
     return _report(args, model, tokenizer, outputs, metrics)
 
 
-def cmd_prefill(args: argparse.Namespace) -> int:
+def cmd_compare(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    requests = _requests(args, tokenizer)
-    pool = make_pool(model, page_size=args.page_size, num_pages=args.num_pages, kv_dtype=KV_DTYPES[args.kv_dtype])
-    stage = PrefillStage(model, pool, max_batch_tokens=args.max_batch_tokens)
+    if args.prompt is not None or args.prompt_ids is not None:
+        if args.num_requests is not None:
+            raise EngineError("give either prompts (--prompt / --prompt-ids) or --num-requests, not both")
+        requests = _requests(args, tokenizer)
+        rng = np.random.default_rng(args.seed)
+        gaps = Poisson(args.rate).gaps(rng, len(requests)) if args.rate else np.zeros(len(requests))
+        arrivals = np.cumsum(gaps).tolist()
+    else:
+        base = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        requests, arrivals = synthetic_requests(
+            args.num_requests or 8,
+            args.prompt_len,
+            args.output_len,
+            vocab_size=model.config.vocab_size,
+            context=model.config.max_position_embeddings,
+            rate=args.rate,
+            seed=args.seed,
+            sampling=base,
+        )
+    result = compare(model, requests, arrivals, **_engine_options(args))
+    failed = any(o.error is not None for outs in result["outputs"].values() for o in outs)
+    if args.json:
+        doc = {k: v for k, v in result.items() if k != "outputs"}
+        print(json.dumps({**doc, "model": str(args.model), "requests": output_rows(result)}, indent=2))
+    else:
+        print(f"model {args.model} ({model.config.architecture}, {model.config.num_layers} layers), "
+              f"{len(requests)} requests, {sum(len(r.prompt_ids) for r in requests)} prompt tokens, "
+              f"max-batch-tokens {args.max_batch_tokens}, prefix cache {'off' if args.no_prefix_cache else 'on'}")  # fmt: skip
+        print(format_comparison(result))
+    return 1 if failed else 0
+
+
+def cmd_prefill(args: argparse.Namespace) -> int:
     if args.export_dir.is_dir() and any(args.export_dir.glob("*.safetensors")):
         raise EngineError(f"{args.export_dir} already holds *.safetensors files: give an empty or new directory")
-    args.export_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        args.export_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EngineError(f"--export-dir {args.export_dir}: cannot create the directory ({e.strerror})") from None
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    requests = _requests(args, tokenizer)
+    pool = _pool(args, model)
+    stage = PrefillStage(model, pool, max_batch_tokens=args.max_batch_tokens)
     start = time.perf_counter()
     outputs: dict[str, RequestOutput] = {}
     files: dict[str, dict[str, Any]] = {}
@@ -250,7 +353,12 @@ def cmd_prefill(args: argparse.Namespace) -> int:
                 path = args.export_dir / f"request-{int(rid):06d}.safetensors"
                 write_export(path, res.export)
                 outputs[rid] = RequestOutput(
-                    rid, res.request.prompt_ids, [res.first_token], "prefilled", ttft_s=res.ttft_s
+                    rid,
+                    res.request.prompt_ids,
+                    [res.first_token],
+                    "prefilled",
+                    ttft_s=res.ttft_s,
+                    cached_tokens=res.cached_tokens,
                 )
                 files[rid] = {"export": str(path)}
                 bar.update(1)
@@ -264,24 +372,27 @@ def cmd_decode(args: argparse.Namespace) -> int:
     files = sorted(args.import_dir.glob("*.safetensors"))
     if not files:
         raise EngineError(f"no *.safetensors exports in {args.import_dir}")
-    pool = make_pool(model, page_size=args.page_size, num_pages=args.num_pages, kv_dtype=KV_DTYPES[args.kv_dtype])
+    pool = _pool(args, model)
     stage = DecodeStage(model, pool, max_batch_size=args.max_batch_size)
     start = time.perf_counter()
-    order: list[str] = []
-    outputs: dict[str, RequestOutput] = {}
-    for path in files:
+    # One result per file, by position: a request id chosen by a file's author can never overwrite another
+    # file's result (the stage itself refuses a request id it already holds).
+    results: list[RequestOutput | None] = [None] * len(files)
+    file_of: dict[str, int] = {}
+    for i, path in enumerate(files):
         try:
-            order.append(stage.add(read_export_file(path)))
+            file_of[stage.add(read_export_file(path))] = i
         except EngineError as e:
-            order.append(path.name)
-            outputs[path.name] = RequestOutput(path.name, [], error=f"{path.name}: {e}")
+            results[i] = RequestOutput(path.name, [], error=f"{path.name}: {e}")
     with tqdm(unit="tok", disable=None, delay=1.0, leave=False) as bar:
         while stage.has_work:
             before = stage.metrics.decode_tokens
             for out in stage.step():
-                outputs[out.request_id] = out
+                results[file_of[out.request_id]] = out
             bar.update(stage.metrics.decode_tokens - before)
-    ordered = [outputs[i] for i in order]
+    ordered = [r for r in results if r is not None]
+    if len(ordered) != len(files):
+        raise RuntimeError("the decode stage returned no result for an export it accepted")  # a bug, not bad input
     metrics = {**stage.metrics.summary(ordered), "wall_time_s": time.perf_counter() - start}
     return _report(args, model, tokenizer, ordered, metrics)
 
@@ -289,10 +400,21 @@ def cmd_decode(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "prefill": cmd_prefill, "decode": cmd_decode}[args.command](args)
+        commands = {"run": cmd_run, "prefill": cmd_prefill, "decode": cmd_decode, "compare": cmd_compare}
+        return commands[args.command](args)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(e):
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0][:200]}): try a smaller --num-pages", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure (CPU allocations fail with a plain RuntimeError naming the allocator)."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)

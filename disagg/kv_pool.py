@@ -9,6 +9,13 @@ flattened (num_pages * page_size, num_kv_heads, head_dim) view. Pages of a seque
 Allocation is all-or-nothing: a request gets every page it asks for or none (:class:`PoolFullError`), so a failed
 allocation never leaves pages behind. This module is the only one that knows the layout; the export format and the
 stages see K/V as token-major (tokens, num_kv_heads, head_dim) tensors.
+
+With ``prefix_cache=True`` the allocator also keeps a :class:`~disagg.prefix_cache.PrefixCache`: pages are
+reference-counted, a sequence may start with pages another one computed (:meth:`KVPool.allocate` with the names
+of its prompt's pages, or :meth:`KVPool.adopt` later), full pages are named once written (:meth:`KVPool.publish`),
+and a named page whose last reference goes away stays cached, counted as free, until the pool needs it (least
+recently used first) or :meth:`KVPool.clear_prefix_cache`. Allocation, freeing and eviction cost O(pages of the
+sequence), never O(pages of the pool).
 """
 
 from __future__ import annotations
@@ -19,9 +26,20 @@ import torch
 
 import kernels
 from disagg.errors import PoolFullError
+from disagg.prefix_cache import PrefixCache, chain_hashes
 
 PAGE_SIZES = (8, 16, 32, 64, 128, 256)  # what the paged kernels accept
 FP8 = torch.float8_e4m3fn
+CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, FP8)  # what the kernels read and write
+
+
+def check_count(name: str, value: object, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``; TypeError / ValueError naming ``name`` otherwise (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 class KVPool:
@@ -34,6 +52,8 @@ class KVPool:
         dtype: cache dtype: the model's dtype, or ``torch.float8_e4m3fn`` (values stored as x / scale).
         device: where the pages live (the kernels' device).
         kv_scale: the per-tensor fp8 scale of every layer's K and V (ignored for other dtypes).
+        prefix_cache: keep written full pages for reuse (see the module docstring).
+        cache_salt: what else the K/V depend on (the model's fingerprint), mixed into every page name.
     """
 
     def __init__(
@@ -47,11 +67,14 @@ class KVPool:
         dtype: torch.dtype,
         device: torch.device | str,
         kv_scale: float = 1.0,
+        prefix_cache: bool = False,
+        cache_salt: bytes = b"",
     ):
-        if page_size not in PAGE_SIZES:
-            raise ValueError(f"page_size must be one of {PAGE_SIZES}, got {page_size}")
-        if num_pages < 1:
-            raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+        check_count("num_pages", num_pages, 1)
+        if page_size not in PAGE_SIZES or isinstance(page_size, bool):
+            raise ValueError(f"page_size must be one of {PAGE_SIZES}, got {page_size!r}")
+        if dtype not in CACHE_DTYPES:
+            raise ValueError(f"dtype must be one of {[str(d) for d in CACHE_DTYPES]}, got {dtype!r}")
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -61,6 +84,9 @@ class KVPool:
         self._scale = torch.tensor([kv_scale], dtype=torch.float32, device=device) if dtype == FP8 else None
         self._free = list(range(num_pages - 1, -1, -1))  # a stack: pop() hands out low page ids first
         self._tables: dict[Hashable, list[int]] = {}
+        self._refs = [0] * num_pages  # sequences holding each page
+        self.prefix_cache = PrefixCache() if prefix_cache else None
+        self._salt = repr((cache_salt, str(dtype), self.kv_scale, page_size)).encode()
 
     # --- allocation ---------------------------------------------------------------------------------------------
     @property
@@ -70,31 +96,116 @@ class KVPool:
 
     @property
     def num_free_pages(self) -> int:
-        return len(self._free)
+        """Pages an allocation can get now: free ones and cached ones no sequence references."""
+        return len(self._free) + self.num_idle_cached_pages
+
+    @property
+    def num_cached_pages(self) -> int:
+        """Pages named in the prefix cache (referenced or not)."""
+        return len(self.prefix_cache) if self.prefix_cache is not None else 0
+
+    @property
+    def num_idle_cached_pages(self) -> int:
+        return self.prefix_cache.num_idle if self.prefix_cache is not None else 0
 
     def is_fully_free(self) -> bool:
-        """True when no sequence holds a page and every page is on the free list exactly once."""
-        return not self._tables and sorted(self._free) == list(range(self.num_pages))
+        """True when no sequence holds a page and every page is free or cached unreferenced, exactly once (O(pages):
+        for tests and end-of-run checks)."""
+        idle = self.prefix_cache.idle_pages() if self.prefix_cache is not None else []
+        return not self._tables and not any(self._refs) and sorted(self._free + idle) == list(range(self.num_pages))
 
     def pages_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.page_size)
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        return self.pages_for(num_tokens) <= len(self._free)
+    def page_hashes(self, tokens: Sequence[int], hashes: list[bytes] | None = None) -> list[bytes]:
+        """Names of the full pages of ``tokens`` in this pool (extending ``hashes``, the names of its first pages
+        computed before); see :mod:`disagg.prefix_cache`."""
+        return chain_hashes(self._salt, tokens, self.page_size, [] if hashes is None else hashes)
 
-    def allocate(self, seq: Hashable, num_tokens: int) -> None:
-        """Give ``seq`` the pages for ``num_tokens`` tokens, all or none. Raises PoolFullError when they are not
-        free now, ValueError when ``seq`` already holds pages."""
+    def cached_prefix(self, hashes: Sequence[bytes]) -> list[int]:
+        """The cached pages of the longest chain of leading ``hashes``."""
+        pages = []
+        if self.prefix_cache is not None:
+            for name in hashes:
+                page = self.prefix_cache.lookup(name)
+                if page is None:
+                    break
+                pages.append(page)
+        return pages
+
+    def can_allocate(self, num_tokens: int, prefix: Sequence[bytes] = ()) -> bool:
+        need, available = self._need(num_tokens, prefix)
+        return need <= available
+
+    def _need(self, num_tokens: int, prefix: Sequence[bytes]) -> tuple[int, int]:
+        """(fresh pages an allocation needs, pages it can get besides the cached ones it shares)."""
+        shared = self.cached_prefix(prefix[: self.pages_for(num_tokens)])
+        idle_shared = sum(1 for p in shared if self._refs[p] == 0)
+        return self.pages_for(num_tokens) - len(shared), self.num_free_pages - idle_shared
+
+    def allocate(self, seq: Hashable, num_tokens: int, prefix: Sequence[bytes] = ()) -> int:
+        """Give ``seq`` the pages for ``num_tokens`` tokens, all or none: first the cached pages of the longest chain
+        of leading page names ``prefix`` (shared, never to be written by ``seq``), then fresh ones. Returns how many
+        pages were shared. Raises PoolFullError when the pages are not free now, ValueError when ``seq`` already
+        holds pages or ``num_tokens`` < 0."""
+        check_count("num_tokens", num_tokens, 0)
         if seq in self._tables:
             raise ValueError(f"sequence {seq!r} already holds pages")
-        need = self.pages_for(num_tokens)
-        if need > len(self._free):
-            raise PoolFullError(f"{need} pages needed, {len(self._free)} of {self.num_pages} free")
-        self._tables[seq] = [self._free.pop() for _ in range(need)]
+        fresh, available = self._need(num_tokens, prefix)
+        if fresh > available:
+            raise PoolFullError(f"{fresh} pages needed, {available} of {self.num_pages} free")
+        shared = self.cached_prefix(prefix[: self.pages_for(num_tokens)])
+        for page in shared:
+            self._ref(page)
+        table = shared + [self._fresh() for _ in range(fresh)]
+        for page in table[len(shared) :]:
+            self._refs[page] = 1
+        self._tables[seq] = table
+        return len(shared)
+
+    def _ref(self, page: int) -> None:
+        if self._refs[page] == 0 and self.prefix_cache is not None:
+            self.prefix_cache.take(page)
+        self._refs[page] += 1
+
+    def _fresh(self) -> int:
+        return self._free.pop() if self._free else self.prefix_cache.evict()
+
+    def _unref(self, page: int) -> None:
+        self._refs[page] -= 1
+        if self._refs[page] == 0:
+            if self.prefix_cache is not None and self.prefix_cache.is_named(page):
+                self.prefix_cache.park(page)
+            else:
+                self._free.append(page)
 
     def free(self, seq: Hashable) -> None:
-        """Return ``seq``'s pages to the free list (nothing happens if it holds none)."""
-        self._free.extend(reversed(self._tables.pop(seq, [])))
+        """Release ``seq``'s pages (nothing happens if it holds none): unnamed ones go back to the free list, named
+        ones stay cached until evicted."""
+        for page in reversed(self._tables.pop(seq, [])):
+            self._unref(page)
+
+    def adopt(self, seq: Hashable, index: int, name: bytes) -> bool:
+        """If page ``name`` is cached, make it ``seq``'s page ``index`` in place of the fresh page there (which
+        ``seq`` has not written yet: the caller's promise) and return True."""
+        page = self.prefix_cache.lookup(name) if self.prefix_cache is not None else None
+        table = self._tables[seq]
+        if page is None or table[index] == page:
+            return page is not None
+        self._ref(page)
+        self._unref(table[index])
+        table[index] = page
+        return True
+
+    def publish(self, seq: Hashable, index: int, name: bytes) -> None:
+        """Name ``seq``'s page ``index``, now completely written, for reuse (no-op without a prefix cache)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(name, self._tables[seq][index])
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached page: idle ones become free, referenced ones are freed with their sequences."""
+        if self.prefix_cache is not None:
+            self._free.extend(self.prefix_cache.clear())
 
     def pages(self, seq: Hashable) -> list[int]:
         return list(self._tables[seq])

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disagg.attention import DecodeBatch, PrefillBatch
+from disagg.attention import StepBatch
 from disagg.config import ModelConfig
 from disagg.rotary import Rotary, apply_rotary
 
@@ -45,7 +45,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, config.hidden_size, bias=config.o_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: PrefillBatch | DecodeBatch):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: StepBatch):
         tokens = x.shape[0]
         q = apply_rotary(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
@@ -112,9 +112,7 @@ class CausalLM(nn.Module):
         return self.lm_head.weight.device
 
     @torch.inference_mode()
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, batch: PrefillBatch | DecodeBatch
-    ) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """input_ids, positions: int64 (tokens,). Returns the final hidden states (tokens, hidden_size); the K/V
         of every token are written into the batch's pool on the way."""
         x = self.model.embed_tokens(input_ids)

@@ -1,30 +1,29 @@
-"""The prefill stage: whole prompts in, first tokens and KV exports out.
+"""The prefill stage: prompts in, first tokens and KV exports out.
 
-Each :meth:`PrefillStage.step` packs waiting prompts into one varlen batch (up to ``max_batch_tokens`` tokens and
-as many as the pool holds), allocates their pages, runs the model once over the batch (``kernels.prefill_attention``
-attends, ``kernels.write_kv_cache`` stores K/V into the pool), samples each prompt's first token from its last
-position, serializes each prompt's KV into an export (:mod:`disagg.export`) and frees the pages. The pool is empty
-between steps, whatever happens inside one.
+Each :meth:`PrefillStage.step` runs one step that the :class:`~disagg.scheduler.Scheduler` fills with prompt
+chunks up to ``max_batch_tokens`` tokens (a longer prompt is prefilled over several steps; as many prompts as the
+pool holds at once): the chunk's K/V go into the pool with ``kernels.write_kv_cache`` and its queries attend to the
+sequence's pages with ``kernels.paged_prefill_attention``. A prompt whose last chunk ran gets its first token
+sampled from its last position, its KV serialized into an export (:mod:`disagg.export`) and its pages released.
+With the pool's prefix cache (on by default in :func:`disagg.engine.make_pool`) a prompt starting with pages
+another prompt computed reuses them and computes only the rest; the released full pages stay cached.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections import deque
 from dataclasses import dataclass
 from itertools import count
 
-import torch
-
-from disagg.attention import PrefillBatch
 from disagg.errors import RequestError
 from disagg.export import export_kv
-from disagg.kv_pool import KVPool
+from disagg.kv_pool import KVPool, check_count
 from disagg.metrics import Metrics
 from disagg.model import CausalLM
 from disagg.request import Request
-from disagg.sampling import sample
+from disagg.runner import run_step
+from disagg.scheduler import Scheduler, Sequence
 
 
 @dataclass
@@ -36,11 +35,14 @@ class PrefillResult:
     export: bytes
     ttft_s: float
     first_token_time: float
+    cached_tokens: int = 0
 
 
 def check_request(model: CausalLM, pool_capacity: int, request: Request) -> Request:
     """Validate a request for a model whose pool holds ``pool_capacity`` tokens; return it with its stop tokens
-    resolved (None -> the model's). Raises RequestError naming the problem."""
+    resolved (None -> the model's). Raises RequestError naming the problem, TypeError for a non-Request."""
+    if not isinstance(request, Request):
+        raise TypeError(f"request must be a disagg.Request, got {type(request).__name__}")
     n, config = len(request.prompt_ids), model.config
     if n == 0:
         raise RequestError(f"request {request.request_id}: the prompt is empty")
@@ -64,84 +66,66 @@ def check_request(model: CausalLM, pool_capacity: int, request: Request) -> Requ
     return request
 
 
-class PrefillStage:
-    """Prefill with ``model`` into ``pool``; record into ``metrics``."""
+def check_budget(max_batch_tokens: int | None) -> int | None:
+    """``max_batch_tokens``: None (no limit) or an int >= 1."""
+    return None if max_batch_tokens is None else check_count("max_batch_tokens", max_batch_tokens, 1)
 
-    def __init__(self, model: CausalLM, pool: KVPool, *, max_batch_tokens: int = 8192, metrics: Metrics | None = None):
-        self.model, self.pool, self.max_batch_tokens = model, pool, max_batch_tokens
+
+class PrefillStage:
+    """Prefill with ``model`` into ``pool``, at most ``max_batch_tokens`` prompt tokens per step (None: no limit);
+    record into ``metrics``."""
+
+    def __init__(
+        self, model: CausalLM, pool: KVPool, *, max_batch_tokens: int | None = 8192, metrics: Metrics | None = None
+    ):
+        self.model, self.pool, self.max_batch_tokens = model, pool, check_budget(max_batch_tokens)
         self.metrics = metrics if metrics is not None else Metrics()
-        self._waiting: deque[tuple[int, Request, float]] = deque()
+        self.scheduler = Scheduler(pool, max_batch_tokens=self.max_batch_tokens, max_batch_size=None, decode=False)
         self._keys = count()
 
     @property
     def has_work(self) -> bool:
-        return bool(self._waiting)
+        return self.scheduler.has_work
 
     def add(self, request: Request) -> None:
-        """Queue a request (its arrival time is now). Raises RequestError, queueing nothing, for a bad one."""
-        self._waiting.append(
-            (next(self._keys), check_request(self.model, self.pool.capacity, request), time.perf_counter())
-        )
+        """Queue a request (its arrival time is now). Raises RequestError (TypeError for a non-Request), queueing
+        nothing, for a bad one."""
+        request = check_request(self.model, self.pool.capacity, request)
+        if self.scheduler.find(request.request_id) is not None:
+            raise RequestError(f"request {request.request_id} is already in the prefill stage")
+        n, now = len(request.prompt_ids), time.perf_counter()
+        seq = Sequence(next(self._keys), request.request_id, list(request.prompt_ids), request.sampling, n, now)
+        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
-        """Drop a waiting request; True if it was waiting. (Running requests hold pages only inside a step.)"""
-        before = len(self._waiting)
-        self._waiting = deque(w for w in self._waiting if w[1].request_id != request_id)
-        return len(self._waiting) < before
+        """Drop a waiting or partly prefilled request, releasing its pages (only pages it completed stay cached);
+        True if it was here."""
+        seq = self.scheduler.find(request_id)
+        if seq is not None:
+            self.scheduler.remove(seq)
+        return seq is not None
 
     def abort_all(self) -> None:
-        self._waiting.clear()
+        self.scheduler.clear()
 
     def step(self) -> list[PrefillResult]:
-        """Prefill one packed batch of waiting requests and export each one's KV."""
-        batch: list[tuple[int, Request, float]] = []
-        tokens = 0
-        while self._waiting:
-            key, request, _ = self._waiting[0]
-            n = len(request.prompt_ids)
-            if batch and (tokens + n > self.max_batch_tokens or not self.pool.can_allocate(n)):
-                break
-            self.pool.allocate(key, n)  # fits: the pool is empty between steps and n <= its capacity
-            batch.append(self._waiting.popleft())
-            tokens += n
-        try:
-            return self._run(batch, tokens)
-        finally:
-            for key, _, _ in batch:
-                self.pool.free(key)
-
-    def _run(self, batch: list[tuple[int, Request, float]], tokens: int) -> list[PrefillResult]:
-        start = time.perf_counter()
-        device = self.model.device
-        lengths = [len(r.prompt_ids) for _, r, _ in batch]
-        ids = torch.tensor([t for _, r, _ in batch for t in r.prompt_ids], dtype=torch.int64, device=device)
-        positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths]).to(device)
-        cu = torch.tensor([0, *lengths], dtype=torch.int64).cumsum(0)
-        slots = torch.cat([self.pool.slots(key, 0, n) for (key, _, _), n in zip(batch, lengths, strict=True)])
-        meta = PrefillBatch(self.pool, cu.to(device=device, dtype=torch.int32), max(lengths), slots.to(device))
-        hidden = self.model(ids, positions, meta)
-        logits = self.model.logits(hidden[(cu[1:] - 1).to(device)])
-        first = sample(logits, [r.sampling for _, r, _ in batch], [0] * len(batch))
-        now = time.perf_counter()
-        self.metrics.prefill_tokens += tokens
-        self.metrics.prefill_time_s += now - start
-        self.metrics.prefill_batches += 1
-
+        """Prefill one step's chunks; export every request whose prompt is now done."""
+        step = self.scheduler.schedule()
+        if not step:
+            return []
         results = []
-        for (key, request, arrival), token in zip(batch, first, strict=True):
+        for seq in run_step(self.model, self.scheduler, step, self.metrics):
+            self.metrics.prompt_tokens += len(seq.prompt_ids)
+            self.metrics.cached_tokens += seq.cached_tokens
+            request = Request(seq.request_id, seq.prompt_ids, seq.sampling)
             t0 = time.perf_counter()
+            token = seq.output_ids[0]
             data = export_kv(
-                self.model,
-                self.pool,
-                key,
-                request.request_id,
-                request.prompt_ids,
-                token,
-                request.sampling,
-                now - arrival,
+                self.model, self.pool, seq.key, seq.request_id, seq.prompt_ids, token, seq.sampling, seq.ttft_s
             )
             self.metrics.export_time_s += time.perf_counter() - t0
             self.metrics.kv_bytes_exported += len(data)
             self.metrics.exports += 1
-            results.append(PrefillResult(request, token, data, now - arrival, now))
+            self.scheduler.remove(seq)
+            results.append(PrefillResult(request, token, data, seq.ttft_s, seq.first_token_time, seq.cached_tokens))
         return results

@@ -291,7 +291,7 @@ class PrefillRank(Rank):
             if offered is None or offered.decode_rank != peer:
                 raise DistributedError(f"{self.layout.name(peer)} acknowledged request {i}, never offered to it")
             self._offered_pages[peer] -= offered.pages
-            self.transfers[i] = {"decode_rank": peer}
+            self.transfers[i] = {"decode_rank": peer, "cached_tokens": offered.result.cached_tokens}
             if header.fields[0] == 1:
                 data = offered.result.export
                 sending = self.transport.send_bytes(peer, PAYLOAD_TAG0 + i, data)

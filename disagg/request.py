@@ -72,7 +72,8 @@ class Request:
 class RequestOutput:
     """The result of one request. ``output_ids`` are the generated tokens only. ``finish_reason`` is "eos",
     "length" (max_new_tokens or the model's context), "aborted" or "error" (then ``error`` says why).
-    ``ttft_s``: time to first token (prefill stage); ``tpot_s``: mean time per output token after the first."""
+    ``ttft_s``: time to first token (prefill stage); ``tpot_s``: mean time per output token after the first.
+    ``cached_tokens``: prompt tokens whose KV came from the prefix cache instead of being computed."""
 
     request_id: str
     prompt_ids: list[int]
@@ -81,6 +82,7 @@ class RequestOutput:
     error: str | None = None
     ttft_s: float | None = None
     tpot_s: float | None = None
+    cached_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

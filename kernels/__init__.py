@@ -8,6 +8,7 @@ Public API:
                              prefix reuse, multi-token decode)
     merge_attention_states   exact combine of two partial attentions over disjoint key sets, through their LSEs
     register_transformers    make "phaseattn" an attn_implementation of Hugging Face transformers (optional extra)
+    HEAD_DIMS                the head dims the attention kernels support
 
 The attention kernels all take ``sinks=`` (one float32 logit per query head that joins the softmax denominator).
 
@@ -23,6 +24,7 @@ environment without it.
 
 from kernels import _runtime
 from kernels._runtime import INTERPRET, debug_enabled, set_debug
+from kernels._validate import HEAD_DIMS
 
 if _runtime.INTERPRET:
     from kernels import _interpreter_fixes
@@ -38,6 +40,7 @@ from kernels.paged_prefill import paged_prefill_attention
 from kernels.prefill import prefill_attention
 
 __all__ = [
+    "HEAD_DIMS",
     "INTERPRET",
     "debug_enabled",
     "merge_attention_states",

@@ -1,18 +1,20 @@
 """``python -m kernels``: both phases on random inputs, each checked against its float64 reference.
 
 A prompt batch goes through ``prefill_attention``; its K/V are written into a paged cache (shuffled pages) with
-``write_kv_cache``; one decode step attends over the pages with ``paged_decode_attention``. Runs compiled on a GPU
-or through Triton's interpreter on CPU.
+``write_kv_cache``; one decode step attends over the pages with ``paged_decode_attention``; then three more tokens
+per sequence are written and attended at once with ``paged_prefill_attention`` (chunked prefill / speculative
+verification), with attention sinks. Runs compiled on a GPU or through Triton's interpreter on CPU.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
 
 import kernels
-from kernels.reference import paged_decode_attention_ref, prefill_attention_ref
+from kernels.reference import paged_decode_attention_ref, paged_prefill_attention_ref, prefill_attention_ref
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -37,8 +39,9 @@ def main() -> None:
         f"prefill_attention:      rel. error {_rel(out, ref):.1e} ({time.perf_counter() - start:.2f} s incl. compile)"
     )
 
-    # Page the prompts' K/V: each sequence gets whole pages, in shuffled order, plus one slot for the next token.
-    pages_per_seq = [-(-(n + 1) // page) for n in lengths]
+    # Page the prompts' K/V: each sequence gets whole pages, in shuffled order, plus room for EXTRA more tokens.
+    extra = 3
+    pages_per_seq = [-(-(n + extra) // page) for n in lengths]
     order = torch.randperm(sum(pages_per_seq), generator=gen)
     block_table = torch.zeros(len(lengths), max(pages_per_seq), dtype=torch.int32)
     slots, used = [], 0
@@ -62,6 +65,26 @@ def main() -> None:
     )
     print(f"decode == last prefill row: rel. difference {_rel(dec, out[last].double().cpu()):.1e}")
 
+    # Three more tokens per sequence, written and attended at once over the prefix, with attention sinks.
+    new_k, new_v = (torch.randn(extra * len(lengths), hkv, d, generator=gen).to(device, dtype) for _ in range(2))
+    new_q = torch.randn(extra * len(lengths), hq, d, generator=gen).to(device, dtype)
+    table = block_table.cpu()
+    new_slots = [int(table[b, t // page]) * page + t % page for b, n in enumerate(lengths) for t in range(n, n + extra)]
+    kernels.write_kv_cache(new_k, new_v, k_cache, v_cache, torch.tensor(new_slots, dtype=torch.int32, device=device))
+    cu_new = torch.arange(len(lengths) + 1, dtype=torch.int32, device=device) * extra
+    seq_lens = seq_lens + extra
+    sinks = torch.randn(hq, generator=gen).to(device)
+    start = time.perf_counter()
+    ext = kernels.paged_prefill_attention(new_q, k_cache, v_cache, block_table, cu_new, seq_lens, sinks=sinks)
+    ref, _ = paged_prefill_attention_ref(new_q, k_cache, v_cache, block_table, cu_new, seq_lens, sinks=sinks)
+    print(
+        f"paged_prefill_attention: rel. error {_rel(ext, ref):.1e} ({time.perf_counter() - start:.2f} s incl. compile)"
+    )
+
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the lines printed so far are the partial results
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

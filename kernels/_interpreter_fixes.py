@@ -7,7 +7,9 @@ not saturate (upstream: triton-lang/triton#11584, closed as unsupported).
 
 :func:`apply` patches the interpreter's builder so that every floating-point operation on bfloat16 operands is
 computed in float32 and rounded back to bfloat16 (round to nearest even), and fp8 conversions go through torch's
-conversions with the GPU's saturating semantics. The compiled (CUDA) path never imports or touches this module.
+conversions with the GPU's saturating semantics. It also skips a redundant per-call re-patching of
+triton.language that made device-function calls slow (see :func:`_patch_language_once_per_launch`). The compiled
+(CUDA) path never imports or touches this module.
 """
 
 from __future__ import annotations
@@ -230,15 +232,39 @@ def apply() -> bool:
     if hasattr(interp.ScanOps, "cumsum"):
         _reduce_patch(interp.ScanOps, "cumsum")
         _reduce_patch(interp.ScanOps, "cumprod")
+    if hasattr(interp, "_patch_lang") and hasattr(interp, "_LangPatchScope"):
+        _patch_language_once_per_launch(interp)
     return True
 
 
-def remove() -> None:
-    """Undo :func:`apply` (tests use it to show the corrections matter)."""
-    for (cls, name), original in _originals.items():
-        setattr(cls, name, original)
-    _originals.clear()
+def _patch_language_once_per_launch(interp) -> None:
+    """Speed, not numerics: the interpreter re-patches triton.language (an ``inspect.getmembers`` scan of several
+    modules, ~5-10 ms) on *every* call of a ``@triton.jit`` device function, although within a launch the same
+    language modules were already patched (by the launch or by an earlier call) and a nested patch is never
+    undone. Kernels built from shared helpers call several per loop iteration, which made the patching most of
+    their interpreted run time. Within a launch, a device function whose language modules (``tl``, ``tl.core``
+    as visible from its globals) were already patched now skips the scan; everything else is unchanged."""
+    patched: set[frozenset[int]] = set()
+    in_launch = [False]
 
+    def langs(fn) -> frozenset[int]:
+        return frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
 
-def is_active() -> bool:
-    return bool(_originals)
+    @_patch(interp, "_patch_lang")
+    def patch_lang(original, fn):
+        key = langs(fn)
+        if in_launch[0] and key in patched:
+            return interp._LangPatchScope()
+        scope = original(fn)
+        patched.add(key)
+        if not in_launch[0]:  # the launch's own patch: forget everything when it is undone
+            in_launch[0] = True
+            restore = scope.restore
+
+            def leave() -> None:
+                in_launch[0] = False
+                patched.clear()
+                restore()
+
+            scope.restore = leave
+        return scope

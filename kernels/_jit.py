@@ -136,9 +136,11 @@ def attend_tiles(
 
     Without MASKED every key of every tile is visible to every row: no mask is computed at all. With MASKED keys
     outside ``[key_lo, key_hi)`` are not loaded, and the causal diagonal and window are applied per element. A
-    key hidden from a row must not influence it, even when its V is Inf/NaN (0 x Inf = NaN inside P·V): masked
-    tiles multiply P by V with its non-finite entries zeroed, and a second product of the visibility mask with
-    the indicator of those entries marks the rows that do see one, which become NaN (as attention over them is).
+    key hidden from a row must not influence it, even when its V holds an Inf/NaN (0 x Inf = NaN inside P·V):
+    masked tiles multiply P by V with its non-finite entries zeroed, and the rows that do see such a key are
+    set to NaN (the whole row: stricter than the arithmetic, which is non-finite only in the affected columns;
+    a second (M, N) x (N, D) flag product would be exact per column but costs a second fp32 accumulator, which
+    spilled). Unmasked tiles are untouched: there every row sees every key, so Inf/NaN propagate as they do.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -178,8 +180,9 @@ def attend_tiles(
             finite = tl.abs(v.to(tl.float32)) < float("inf")
             acc = tl.dot(p.to(q.dtype), tl.where(finite, v, 0.0).to(q.dtype), acc * alpha[:, None],
                          input_precision=PRECISION)  # fmt: skip
-            seen = tl.dot(visible.to(q.dtype), tl.where(finite, 0.0, 1.0).to(q.dtype), input_precision=PRECISION)
-            acc = tl.where(seen > 0, float("nan"), acc)
+            key_bad = tl.max(tl.where(finite, 0, 1), axis=1)  # (BLOCK_N,): the key's value holds an Inf/NaN
+            row_bad = tl.max(tl.where(visible & (key_bad[None, :] > 0), 1, 0), axis=1)
+            acc = tl.where(row_bad[:, None] > 0, float("nan"), acc)
         else:
             if HEAD_DIM != BLOCK_D:
                 v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)

@@ -70,6 +70,14 @@ def sm_count(device: torch.device) -> int:
     return 132
 
 
+def arch(device: torch.device) -> int:
+    """Compute capability as major * 10 + minor (90 for Hopper) of a CUDA device; 90 when interpreting."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
+
+
 def values_checkable(t: torch.Tensor) -> bool:
     """Whether checking a tensor's values costs nothing (CPU) or the user asked for syncs (debug mode). Never
     while torch.compile traces: values are unknown then, and reading them would break the graph."""

@@ -133,26 +133,47 @@ def launch_config(max_seqlen_q: int, group: int, head_dim: int, dtype: torch.dty
     heads per tile (BLOCK_M rows), BLOCK_N keys per KV tile, warps and pipeline stages. ``dtype`` is q's.
     Chosen spill-free on sm_90/sm_80 by ``bench/compile_check.py``."""
     group_p = triton.next_power_of_2(group)
-    short = max_seqlen_q <= SHORT_QUERIES
-    if short:  # the whole run in one tile (decode's layout when it is one query)
-        block_q = triton.next_power_of_2(max(max_seqlen_q, 1))
-    else:  # prefill's 128-row query tiles (64 when the accumulator is wide or fp32 FMA dots)
-        rows = 128 if head_dim <= 128 and dtype != torch.float32 and not _runtime.INTERPRET else 64
-        block_q = max(1, rows // group_p)
-    block_q = max(block_q, triton.cdiv(16, group_p))  # tensor-core dots need 16 rows
-    block_m = block_q * group_p
     block_d = triton.next_power_of_2(head_dim)
+    most = 128 if block_d <= 128 else 64  # prefill's query tiles: the accumulator must stay in registers
+    if max_seqlen_q <= SHORT_QUERIES:  # the whole run in one tile (decode's layout when it is one query)
+        rows = min(triton.next_power_of_2(max(max_seqlen_q, 1)) * group_p, most)
+    elif _runtime.INTERPRET or dtype == torch.float32:  # big tiles for the interpreter; fp32 FMA dots: small
+        rows = 64 if _runtime.INTERPRET else 32
+    else:
+        rows = most
+    block_q = max(1, rows // group_p, triton.cdiv(16, group_p))  # tensor-core dots need 16 rows
+    block_m = block_q * group_p
     if _runtime.INTERPRET:  # the interpreter's cost is per program and per loop iteration: big tiles
         block_n, warps, stages = 64, 4, 1
     elif dtype == torch.float32:  # IEEE fp32 dots are FMA loops: small tiles, or they spill
         block_n, warps, stages = 16, 4 if block_m <= 32 else 8, 1
-    elif block_m * block_d > 64 * 128:
-        block_n, warps, stages = 64 if block_d <= 128 else 32, 8, 2
-    elif block_m * block_d > 16 * 128:
-        block_n, warps, stages = 32 if block_d > 128 else 64, 4, 3
+    elif block_m >= 64:  # prefill's configs (see kernels.prefill.default_config)
+        block_n, warps, stages = (64, 8, 3) if block_d <= 64 else (64, 8, 2) if block_d <= 128 else (32, 8, 2)
+    elif block_m * block_d > 16 * 128:  # decode's configs (see kernels.decode.default_config)
+        block_n, warps, stages = 32, 4, 3
     else:
         block_n, warps, stages = 64, 4, 3
     return {"BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+
+
+def plan_num_splits(
+    batch: int,
+    max_seqlen_q: int,
+    longest: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    window: int | None = None,
+) -> int:
+    """The split-KV factor ``num_splits=None`` picks, from host-side numbers only (an engine can plan it once
+    per step and pass it, making the launch sync-free): decode's rule (:func:`kernels.decode.choose_num_splits`)
+    with batch × query tiles programs per KV head, and the keys one query tile sees as the context."""
+    config = launch_config(max_seqlen_q, num_q_heads // num_kv_heads, head_dim, dtype)
+    q_tiles = triton.cdiv(max_seqlen_q, config["BLOCK_Q"])
+    context = longest if window is None else min(longest, window + config["BLOCK_Q"])
+    return choose_num_splits(batch * q_tiles, num_kv_heads, context, _runtime.sm_count(device))
 
 
 def _check_values(
@@ -242,9 +263,9 @@ def paged_prefill_attention(
     """
     layout = _paged.cache_layout(k_cache, v_cache)
     _validate.tensor("q", q, 3, _validate.FLOAT_DTYPES)
-    _validate.tensor("block_table", block_table, 2, (torch.int32,))
-    _validate.tensor("cu_seqlens_q", cu_seqlens_q, 1, (torch.int32,))
-    _validate.tensor("seq_lens", seq_lens, 1, (torch.int32,))
+    _validate.index_tensor("block_table", block_table, 2, (torch.int32,), like=k_cache, strided=True)
+    _validate.index_tensor("cu_seqlens_q", cu_seqlens_q, 1, (torch.int32,), like=q)
+    _validate.index_tensor("seq_lens", seq_lens, 1, (torch.int32,), like=k_cache, strided=True)
     _validate.same_device(q=q, k_cache=k_cache, block_table=block_table, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
     total_q, num_q_heads, head_dim = q.shape
     if head_dim != layout.head_dim:
@@ -288,10 +309,9 @@ def paged_prefill_attention(
             raise ValueError(f"max_seqlen_q={max_seqlen_q} is shorter than the longest query run ({longest_q})")
         max_seqlen_q = longest_q if max_seqlen_q is None else max_seqlen_q
     if num_splits is None:
-        group = num_q_heads // layout.num_kv_heads
-        q_tiles = triton.cdiv(max_seqlen_q, launch_config(max_seqlen_q, group, head_dim, q.dtype)["BLOCK_Q"])
-        context = longest if window is None else min(longest, window + max_seqlen_q)
-        num_splits = choose_num_splits(batch * q_tiles, layout.num_kv_heads, context, _runtime.sm_count(q.device))
+        num_splits = plan_num_splits(
+            batch, max_seqlen_q, longest, num_q_heads, layout.num_kv_heads, head_dim, q.dtype, q.device, window
+        )
 
     return_lse = bool(return_lse)
     out, lse = torch.ops.phaseattn.paged_prefill_attention(

@@ -100,17 +100,22 @@ def _prefill_kernel(
 # fmt: on
 
 
-def default_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """The heuristic tile config (used in the interpreter, and on the GPU when autotuning is off)."""
+def default_config(head_dim: int, dtype: torch.dtype, arch: int = 90) -> dict:
+    """The heuristic tile config (used in the interpreter, and on the GPU when autotuning is off); ``arch`` is
+    the compute capability as major * 10 + minor. Chosen spill-free on sm_90/sm_80 by ``bench/compile_check.py``."""
     if _runtime.INTERPRET:  # big tiles = few programs, which is what makes the interpreter fast
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:  # IEEE fp32 dots are FMA loops: small tiles, many warps, or they spill
         return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2}
+    # 8 warps everywhere: the masked tiles hold their V tile in registers (the non-finite check of
+    # kernels._jit.attend_tiles), which spilled at 4 warps (d64), 3 stages (d128) and 64-key tiles (d256).
     if head_dim <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    if head_dim <= 128:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    if head_dim <= 128:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    if arch >= 90:
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}  # Ampere's mma.sync needs more registers
 
 
 TUNING_SPACE = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
@@ -188,8 +193,8 @@ def prefill_attention(
         q: (total_q, num_q_heads, head_dim), float16 / bfloat16 / float32.
         k, v: (total_k, num_kv_heads, head_dim), same dtype and device as q; num_q_heads must be a multiple of
             num_kv_heads (GQA; MQA when num_kv_heads == 1). Any strides.
-        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) offsets into the token dimension, starting at 0 and ending
-            at total_q / total_k. Sequences of length 0 are allowed.
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) contiguous offsets into the token dimension, starting at 0
+            and ending at total_q / total_k. Sequences of length 0 are allowed.
         causal: bottom-right aligned causal mask (query i sees key j iff j <= i + Lk - Lq).
         sm_scale: softmax scale, default 1/sqrt(head_dim).
         window: sliding window (requires causal): a query at position p = i + Lk - Lq sees keys p - window < j <= p.
@@ -214,7 +219,9 @@ def prefill_attention(
     _validate.tensor("k", k, 3, _validate.FLOAT_DTYPES)
     _validate.tensor("v", v, 3, _validate.FLOAT_DTYPES)
     _validate.same_dtype(q=q, k=k, v=v)
-    _validate.same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    _validate.same_device(q=q, k=k, v=v)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _validate.index_tensor(name, cu, 1, (torch.int32,), like=q)
     total_q, num_q_heads, head_dim = q.shape
     total_k, num_kv_heads, _ = k.shape
     if k.shape[2] != head_dim or v.shape[2] != head_dim:
@@ -224,7 +231,6 @@ def prefill_attention(
     _validate.head_dim("q", head_dim, HEAD_DIMS)
     _validate.gqa(num_q_heads, num_kv_heads)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        _validate.tensor(name, cu, 1, (torch.int32,))
         if cu.numel() < 1:
             raise ValueError(f"{name} must have batch + 1 >= 1 entries")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
@@ -308,7 +314,7 @@ def launch(
         if forced is None and _runtime.AUTOTUNE:
             kernel, config = _autotuned, {}
         else:
-            kernel, config = _prefill_kernel, forced or default_config(head_dim, q.dtype)
+            kernel, config = _prefill_kernel, forced or default_config(head_dim, q.dtype, _runtime.arch(q.device))
         kernel[grid](
             q,
             k,

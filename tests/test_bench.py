@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import decode, prefill, roofline_plot, timing
+from bench import decode, extend, prefill, roofline_plot, timing
 from bench import results as res
 from bench.__main__ import build_cases, parse_args
 from bench.runner import max_rel_err
@@ -60,6 +60,17 @@ def test_case_counts_come_from_roofline():
     ours, peers = small.memory(sets=2)
     assert ours == 2 * (2 * 3 * 7 * 16 * 16 * 1) + 2 * 3 * 100 * 16 * 2
     assert peers == 2 * (2 * 3 * 100 * 16 * 2) + (2 * 3 * 100 * 16 * 2 + 2 * 3 * 7 * 16 * 16)
+    # Extend: 512 new tokens after 8k, bottom-right causal pairs; bytes move q/out for the new tokens only.
+    e = extend.ExtendCase(4, 8192, 512, 32, 8)
+    assert e.context == 8704 and e.flops == 4.0 * 4 * 32 * (512 * (8193 + 8704) // 2) * 128
+    assert e.nbytes == 4 * 128 * 2 * (2 * 32 * 512 + 2 * 8 * 8704)
+
+
+def test_extend_sweep_covers_the_issue_shapes():
+    chunked = [c for c in extend.cases() if c.new == extend.CHUNK]
+    spec = [c for c in extend.cases() if c.new <= 8]
+    assert {c.prefix for c in chunked} == {0, 2048, 8192, 32768}
+    assert {c.new for c in spec} == {1, 4, 8} and {c.context for c in spec} == {4096, 32768, 131072}
 
 
 # ---- timing and results ---------------------------------------------------------------------------------------
@@ -123,8 +134,10 @@ def test_quick_is_the_headline_shapes():
         ("decode", 64, 4096, 16, "fp8", 32, 8),
         ("decode", 1, 131072, 16, "bf16", 32, 8),
         ("decode", 1, 131072, 16, "fp8", 32, 8),
+        ("extend", 4, 8192, 512, 32, 8, 128),
+        ("extend", 16, 32768, 4, 32, 8, 128),
     }
-    assert [c.phase for c in cases[:4]] == ["prefill", "decode", "prefill", "decode"]  # phases alternate
+    assert [c.phase for c in cases[:4]] == ["prefill", "decode", "extend", "prefill"]  # phases alternate
 
 
 def test_sweep_options_and_deduplication():
@@ -195,6 +208,13 @@ def test_smoke_writes_a_valid_results_file(smoke_run):
             assert m["status"] == "ok" and m["agrees_with_ours"], m
     else:
         assert all("not in this checkout" in m["status"] for m in decode_ours)
+    # Extend (paged prefill): ours timed with its splits planned outside the timed region; the CPU peers
+    # (bottom-right causal masks) agree with ours.
+    extend_ours = by[("extend", "phaseattn")]
+    assert len(extend_ours) == 2 and all(m["status"] == "ok" and isinstance(m["num_splits"], int) for m in extend_ours)
+    for peer in ("sdpa-flash", "flex"):
+        for m in by[("extend", peer)]:
+            assert m["status"] == "ok" and m["agrees_with_ours"], m
     assert "headline shapes" in stdout and "phaseattn" in stdout
 
 

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from disagg.cli import main
+from disagg.cli import build_parser, main
+from disagg.compare import format_comparison
 from disagg.engine import make_pool
 from disagg.export import write_export
 from disagg.loader import load_model
@@ -83,3 +84,51 @@ def test_usage_errors_are_reported_without_traceback(tmp_path, capsys):
     assert "already holds *.safetensors files" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["run", "--page-size", "12"])
+
+
+def test_list_options_accept_repetition_and_several_values():
+    parse = build_parser().parse_args
+    assert parse(["run", "--prompt-ids", "1,2", "--prompt-ids", "3", "4,5"]).prompt_ids == [[1, 2], [3], [4, 5]]
+    assert parse(["prefill", "--export-dir", "x", "--prompt", "a", "b", "--prompt", "c"]).prompt == ["a", "b", "c"]
+    assert parse(["compare", "--prompt-ids", "1", "--prompt-ids", "2"]).prompt_ids == [[1], [2]]
+
+
+def test_run_colocated_reports_cached_tokens(capsys):
+    """The same 17-token prompt twice, chunks of 8: the second request finds the first's two full pages cached."""
+    prompt = ",".join(map(str, [256, *range(1, 17)]))
+    argv = ["run", "--mode", "colocated", "--prompt-ids", prompt, "--prompt-ids", prompt, "--max-new-tokens", "2"]
+    assert main([*argv, "--max-batch-tokens", "8", "--page-size", "8", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["cached_tokens"] for r in doc["requests"]] == [0, 16]
+    assert doc["requests"][0]["output_ids"] == doc["requests"][1]["output_ids"]
+    m = doc["metrics"]
+    assert m["mode"] == "colocated" and m["prefix_cache_hit_rate"] == 16 / 34 and m["kv_bytes_exported"] == 0
+
+
+def test_colocated_refuses_torchrun_and_compare_refuses_two_request_sources(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", "--mode", "colocated"]) == 1
+    assert "colocated runs in one process" in capsys.readouterr().err
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["compare", "--prompt-ids", "256,1", "--num-requests", "2"]) == 1
+    assert "not both" in capsys.readouterr().err
+
+
+def test_compare_runs_both_modes_on_tiny(capsys):
+    """Two 12-token prompts arriving together, chunks of 8: the colocated run mixes prefill chunks into decode
+    steps, the disaggregated one moves KV; both give the same tokens; numbers are labelled as interpreter numbers."""
+    argv = ["compare", "--num-requests", "2", "--prompt-len", "fixed:12", "--output-len", "uniform:2,3"]
+    assert main([*argv, "--max-batch-tokens", "8", "--page-size", "8", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["device"] == "cpu" and doc["kernels"] == "interpreted" and doc["same_tokens"] is True
+    colocated, disaggregated = doc["modes"]["colocated"], doc["modes"]["disaggregated"]
+    assert colocated["mixed_steps"] >= 1 and colocated["kv_bytes_moved"] == 0
+    assert disaggregated["mixed_steps"] == 0 and disaggregated["kv_bytes_moved"] > 0
+    for m in (colocated, disaggregated):
+        assert m["num_failed"] == 0 and m["prefill_tokens"] == 24 and m["ttft_s"]["p50"] > 0
+    assert [len(r["colocated"]["output_ids"]) for r in doc["requests"]] == [
+        len(r["disaggregated"]["output_ids"]) for r in doc["requests"]
+    ]
+    text = format_comparison(doc)
+    assert "disaggregated [cpu, interpreted]" in text and "same tokens in both modes: yes" in text
+    assert "measure the interpreter" in text and "decode step, with prefill chunks" in text

@@ -71,7 +71,7 @@ def test_fake_implementations_match_the_kernels(gen):
     q, k, v, cu = varlen(gen, [7, 12])
     for return_lse in (False, True):
         torch.library.opcheck(
-            torch.ops.phaseattn.prefill_attention.default, (q, k, v, cu, cu, True, None, 4, None, return_lse, 12)
+            torch.ops.phaseattn.prefill_attention.default, (q, k, v, cu, cu, True, None, 4, None, None, return_lse, 12)
         )
     lse = randn(19, 4, dtype=torch.float32, generator=gen)
     torch.library.opcheck(torch.ops.phaseattn.merge_attention_states.default, (q, lse, q.flip(0), lse.flip(0)))

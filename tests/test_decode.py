@@ -96,7 +96,7 @@ def test_zero_length_sequences_give_zeros_and_read_no_page(gen, num_splits):
 def test_sinks(gen, num_splits, dtype):
     sinks = randn(8, dtype=torch.float32, generator=gen) * 3
     out, lse = run_case(gen, [0, 1, 90, 300], 8, 2, 64, 16, dtype, sinks=sinks, num_splits=num_splits)
-    assert torch.all(out[0] == 0) and torch.equal(lse[0], sinks)  # no key: only the sink is in the softmax
+    assert torch.all(out[0] == 0) and torch.allclose(lse[0], sinks, rtol=1e-6, atol=1e-6)  # only the sink is seen
 
 
 def test_automatic_splits_split_long_contexts(gen, monkeypatch):

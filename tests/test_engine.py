@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from disagg import tiny
-from disagg.attention import PrefillBatch
+from disagg.attention import StepBatch
 from disagg.decode import DecodeStage
 from disagg.engine import Engine, make_pool
 from disagg.export import read_export_file, write_export
@@ -56,10 +56,8 @@ def test_greedy_decode_agrees_with_prefill_of_the_whole_sequence(model, referenc
         seq = o.prompt_ids + o.output_ids[:-1]
         pool = make_pool(model, num_pages=4)
         pool.allocate("s", len(seq))
-        batch = PrefillBatch(
-            pool, torch.tensor([0, len(seq)], dtype=torch.int32), len(seq), pool.slots("s", 0, len(seq))
-        )
-        logits = model.logits(model(torch.tensor(seq), torch.arange(len(seq)), batch))
+        batch = StepBatch.build(pool, chunks=[("s", 0, len(seq))])
+        logits = model.logits(model(torch.tensor(seq), batch.positions, batch))
         assert logits[len(o.prompt_ids) - 1 :].argmax(-1).tolist() == o.output_ids
 
 
@@ -194,3 +192,43 @@ def test_fp8_kv_cache(model, reference):
         assert o.output_ids[0] == ref.output_ids[0]
     assert engine.decode.pool.k[0].dtype == torch.float8_e4m3fn
     assert engine.prefill.pool.is_fully_free() and engine.decode.pool.is_fully_free()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, name",
+    [
+        ({"num_splits": 0}, ValueError, "num_splits"),
+        ({"num_splits": -1}, ValueError, "num_splits"),
+        ({"num_splits": "x"}, TypeError, "num_splits"),
+        ({"kv_dtype": torch.int8}, ValueError, "kv_dtype"),
+        ({"kv_dtype": torch.float64}, ValueError, "kv_dtype"),
+        ({"max_batch_tokens": 0}, ValueError, "max_batch_tokens"),
+        ({"max_batch_tokens": -5}, ValueError, "max_batch_tokens"),
+        ({"decode_page_size": 0}, ValueError, "decode_page_size"),
+        ({"num_pages": 2.5}, TypeError, "num_pages"),
+        ({"decode_num_pages": 0}, ValueError, "decode_num_pages"),
+        ({"max_batch_size": 0}, ValueError, "max_batch_size"),
+        ({"mode": "both"}, ValueError, "mode"),
+        ({"prefix_cache": "no"}, TypeError, "prefix_cache"),
+    ],
+)
+def test_engine_refuses_bad_arguments_at_construction(model, kwargs, error, name):
+    with pytest.raises(error, match=name):
+        Engine(model, **kwargs)
+
+
+def test_api_misuse_names_the_argument_and_leaks_nothing(model):
+    with pytest.raises(TypeError, match="model must be"):
+        Engine(None)
+    stage = PrefillStage(model, make_pool(model, num_pages=4))
+    with pytest.raises(TypeError, match=r"request must be a disagg\.Request, got list"):
+        stage.add([[256, 1, 2]])
+    assert not stage.has_work
+    decode = DecodeStage(model, make_pool(model, num_pages=4))
+    for args, name in [((-50, -50), "num_tokens"), ((10, -50), "max_new_tokens"), ((2.5, 3), "num_tokens")]:
+        with pytest.raises((TypeError, ValueError), match=name):
+            decode.reserve("r", *args)
+    assert decode.reserve("r", 20, 5) and decode.pool.num_free_pages == 2
+    aborted = decode.abort("r")  # the reservation goes with the request
+    assert aborted.finish_reason == "aborted" and decode.pool.is_fully_free() and not decode.has_work
+    assert decode.abort("r") is None

@@ -31,7 +31,7 @@ def test_prefill_default_configs_compile_without_spills(arch):
         "from compile_check import compile_kernel, prefill_args\n"
         "for d in (64, 128, 256):\n"
         "    for dtype in (torch.bfloat16, torch.float32):\n"
-        "        c = P.default_config(d, dtype)\n"
+        f"        c = P.default_config(d, dtype, {arch})\n"
         "        r = compile_kernel(P._prefill_kernel, prefill_args(d, dtype, c['BLOCK_M'], c['BLOCK_N'], window=True),\n"
         f"                           {arch}, c['num_warps'], c['num_stages'], f'd{{d}} {{dtype}}')\n"
         "        print(r.line())\n"
@@ -67,3 +67,17 @@ def test_decode_default_configs_compile_without_spills(arch):
     bf16 = [line for line in lines if "bfloat16" in line]
     assert all(" mma.sync   0 " not in line for line in bf16), out  # scores and P·V on tensor cores
     assert all(" cp.async   0 " not in line for line in bf16), out  # K/V tiles loaded asynchronously
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_paged_prefill_launch_configs_compile_without_spills(arch):
+    # Short (<= 16 queries: decode-like packed tiles) and long (prefill-like) query runs, GQA 1/4/8, head dims
+    # 64-256, bf16, fp8 KV where the architecture has it, fp32; window and sinks on, split partials.
+    out = _compile(
+        "from compile_check import paged_prefill_reports\n"
+        f"for r in paged_prefill_reports({arch}):\n"
+        "    print(r.line())\n"
+    )
+    lines = out.strip().splitlines()
+    assert len(lines) == (11 if arch >= 89 else 9) and all(line.endswith(" ok") for line in lines), out
+    assert all(" mma.sync   0 " not in line or " wgmma   0 " not in line for line in lines if "bfloat16" in line), out

@@ -54,7 +54,7 @@ def run_case(gen, num_tokens, num_pages, page_size, heads, d, dtype, slot_dtype=
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("page_size", [8, 16, 32, 64, 128, 256])
+@pytest.mark.parametrize("page_size", [1, 2, 4, 8, 16, 32, 64, 128, 256])
 def test_every_page_size(gen, page_size, dtype):
     run_case(gen, 150, 1024 // page_size, page_size, 2, 64, dtype)
 
@@ -91,6 +91,24 @@ def test_fp8_cache_stores_scaled_saturated_values(gen, src_dtype, scale_as_tenso
     small = ~big
     err = (stored[small] - x[small]).abs()
     assert bool((err <= torch.maximum(x[small].abs() * 2**-4, torch.full_like(err, 2**-10))).all())
+
+
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
+def test_fp8_write_keeps_nan_and_saturates_infinities(gen, src_dtype):
+    # NaN must stay NaN (the compiled min/max clamp would turn it into -448: the kernel selects it explicitly);
+    # +-inf saturate to +-448 like any value past the range.
+    k = randn(6, 1, 32, dtype=src_dtype, generator=gen)
+    k[0, 0, :3] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    v = k.flip(0)
+    k_cache = torch.zeros(2, 4, 1, 32, dtype=torch.float8_e4m3fn, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.arange(6, device=DEVICE)
+    write_kv_cache(k, v, k_cache, v_cache, slots, k_scale=0.5, v_scale=0.5)
+    stored = k_cache.float().reshape(8, 32)
+    assert torch.isnan(stored[0, 0]) and stored[0, 1] == 448 and stored[0, 2] == -448
+    assert torch.isfinite(stored[:6, 3:]).all() and torch.isnan(v_cache.float().reshape(8, 32)[5, 0])
+    ref_k, _ = write_kv_cache_ref(k, v, k_cache, v_cache, slots, k_scale=0.5, v_scale=0.5)
+    assert torch.equal(ref_k.float().isnan(), k_cache.float().isnan())
 
 
 def test_strided_sources_and_cache_views(gen):

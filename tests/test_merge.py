@@ -104,3 +104,27 @@ def test_bad_input_is_rejected_before_launch(no_launch, mutate, error, match):
     args = mutate(random_states(torch.Generator().manual_seed(3), 5, 2, 64, torch.float32))
     with pytest.raises(error, match=match):
         merge_attention_states(*args)
+
+
+@pytest.mark.parametrize("side", ["lse_a", "lse_b"])
+def test_positive_infinite_lse_is_refused(gen, monkeypatch, side):
+    # Some libraries mark an empty partial with +inf; here -inf is the marker and +inf would give NaN.
+    trap_launches(monkeypatch, merge, "_merge_states_kernel")
+    out_a, lse_a, out_b, lse_b = random_states(gen, 4, 2, 64, torch.float32)
+    (lse_a if side == "lse_a" else lse_b)[2, 1] = float("inf")
+    with pytest.raises(ValueError, match=rf"{side}\[2, 1\] is \+inf"):
+        merge_attention_states(out_a, lse_a, out_b, lse_b)
+
+
+def test_sink_on_one_side_merges_to_attention_with_the_sink(gen):
+    # The documented use with sinks: one side carries the sink, the other does not. Keys [0, 45) with the sink,
+    # keys [45, 90) (a window of 45 ending at the query) without, merged == all 90 keys with the sink.
+    kv = random_paged_kv(gen, [90], 2, 64, 16, torch.float32)
+    q = randn(1, 4, 64, dtype=torch.float32, generator=gen)
+    sinks = randn(4, dtype=torch.float32, generator=gen)
+    whole, whole_lse = paged_decode_attention(q, *kv.args, sinks=sinks, return_lse=True)
+    first = torch.full_like(kv.seq_lens, 45)
+    a, lse_a = paged_decode_attention(q, *kv.args[:3], first, sinks=sinks, return_lse=True)
+    b, lse_b = paged_decode_attention(q, *kv.args, window=45, return_lse=True)
+    out, lse = merge_attention_states(a, lse_a, b, lse_b)
+    assert rel_err(out, whole.double()) < 1e-5 and rel_err(lse, whole_lse.double()) < 1e-5

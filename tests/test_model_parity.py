@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from disagg.attention import DecodeBatch, PrefillBatch
+from disagg.attention import StepBatch
 from disagg.engine import Engine, make_pool
 from disagg.errors import ModelLoadError
 from disagg.loader import load_model
@@ -84,10 +84,8 @@ def test_logits_match_transformers_in_prefill_and_decode(checkpoints, arch):
     for i, s in enumerate(seqs):
         pool.allocate(("full", i), len(s))
     lengths = [len(s) for s in seqs]
-    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32)
-    slots = torch.cat([pool.slots(("full", i), 0, n) for i, n in enumerate(lengths)])
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    hidden = model(torch.tensor(seqs[0] + seqs[1]), positions, PrefillBatch(pool, cu, max(lengths), slots))
+    batch = StepBatch.build(pool, chunks=[(("full", i), 0, n) for i, n in enumerate(lengths)])
+    hidden = model(torch.tensor(seqs[0] + seqs[1]), batch.positions, batch)
     logits = model.logits(hidden)
     assert rel_err(logits[: lengths[0]], ref[0]) < 1e-5
     assert rel_err(logits[lengths[0] :], ref[1]) < 1e-5
@@ -96,14 +94,13 @@ def test_logits_match_transformers_in_prefill_and_decode(checkpoints, arch):
     for i, p in enumerate(PROMPTS):
         pool.allocate(i, len(p) + NEW_TOKENS)
         n = len(p)
-        batch = PrefillBatch(pool, torch.tensor([0, n], dtype=torch.int32), n, pool.slots(i, 0, n))
-        model(torch.tensor(p), torch.arange(n), batch)
+        batch = StepBatch.build(pool, chunks=[(i, 0, n)])
+        model(torch.tensor(p), batch.positions, batch)
     for step in range(NEW_TOKENS - 1):
         pos = torch.tensor([len(p) + step for p in PROMPTS])
         tokens = torch.tensor([c[step] for c in continuations])
-        slots = torch.cat([pool.slots(i, int(pos[i]), int(pos[i]) + 1) for i in range(2)])
-        batch = DecodeBatch(pool, pool.block_table([0, 1]), (pos + 1).to(torch.int32), slots)
-        logits = model.logits(model(tokens, pos, batch))
+        batch = StepBatch.build(pool, decode=[(i, int(pos[i])) for i in range(2)])
+        logits = model.logits(model(tokens, batch.positions, batch))
         for i in range(2):
             assert rel_err(logits[i], ref[i][int(pos[i])]) < 1e-5
 
@@ -115,6 +112,12 @@ def test_greedy_tokens_match_transformers(checkpoints, arch):
     assert tokenizer is None
     outputs = Engine(model, page_size=8).generate(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS))
     assert [o.output_ids for o in outputs] == continuations
+    # colocated, prompts in chunks of 8 (Mistral's window of 6 spans chunk edges), then again from the prefix cache
+    engine = Engine(model, mode="colocated", page_size=8, max_batch_tokens=8)
+    for cached in ([0, 0], [16, 8]):
+        outputs = engine.generate(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS))
+        assert [o.output_ids for o in outputs] == continuations
+        assert [o.cached_tokens for o in outputs] == cached
 
 
 def test_sharded_checkpoint_with_tokenizer(checkpoints, tmp_path):

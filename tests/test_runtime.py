@@ -110,4 +110,4 @@ def test_kernels_demo_runs_and_agrees_with_the_references():
     errors = [
         float(line.split("rel. error ")[1].split()[0]) for line in done.stdout.splitlines() if "rel. error" in line
     ]
-    assert len(errors) == 2 and all(e < 1e-2 for e in errors), done.stdout
+    assert len(errors) == 3 and all(e < 1e-2 for e in errors), done.stdout

@@ -8,6 +8,7 @@ the request rate compare like with like (common random numbers).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -87,6 +88,23 @@ class LogNormal:
         mu = math.log(self.mean) - self.sigma**2 / 2
         x = np.rint(rng.lognormal(mu, self.sigma, size=n))
         return np.clip(x, self.low, self.high if self.high is not None else np.inf).astype(np.int64)
+
+
+def length_dist(spec: str) -> Fixed | Uniform | LogNormal:
+    """Parse ``fixed:N``, ``uniform:LOW,HIGH`` or ``lognormal:MEAN,SIGMA[,MAX]`` (the length syntax of every
+    command line that draws lengths: ``python -m disagg.sim`` and ``python -m disagg compare``); an argparse type."""
+    kind, _, args = spec.partition(":")
+    try:
+        values = [float(v) for v in args.split(",")] if args else []
+        if kind == "fixed" and len(values) == 1:
+            return Fixed(int(values[0]))
+        if kind == "uniform" and len(values) == 2:
+            return Uniform(int(values[0]), int(values[1]))
+        if kind == "lognormal" and len(values) in (2, 3):
+            return LogNormal(values[0], values[1], high=int(values[2]) if len(values) == 3 else None)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{spec!r}: {e}") from None
+    raise argparse.ArgumentTypeError(f"{spec!r}: expected fixed:N, uniform:LOW,HIGH or lognormal:MEAN,SIGMA[,MAX]")
 
 
 @dataclass(frozen=True)
