@@ -10,9 +10,13 @@ Public API:
     PagedDecodePlan, PagedPrefillPlan, PrefillPlan, WriteKVPlan, Workspace
                              the same kernels planned once per step (host-side lengths: checks, split count,
                              grid, workspace) and run per layer (launch only): see kernels._plan
+    register_transformers    make "phaseattn" an attn_implementation of Hugging Face transformers (optional extra)
     HEAD_DIMS                the head dims the attention kernels support
 
 The attention kernels all take ``sinks=`` (one float32 logit per query head that joins the softmax denominator).
+
+Each launch is a custom op, ``torch.ops.phaseattn.<name>`` (:mod:`kernels._ops`), so ``torch.compile`` traces the
+public functions without graph breaks.
 
 The kernels run compiled on CUDA tensors when a CUDA device is present, and in Triton's interpreter on CPU
 tensors otherwise (``TRITON_INTERPRET`` set by the user wins). See :mod:`kernels._runtime`.
@@ -30,8 +34,10 @@ if _runtime.INTERPRET:
 
     _interpreter_fixes.apply()
 
+from kernels import _ops  # noqa: F401  (registers torch.ops.phaseattn.*, which the public functions call)
 from kernels._plan import Workspace
 from kernels.decode import PagedDecodePlan, paged_decode_attention
+from kernels.hf import register_transformers
 from kernels.kv_cache import WriteKVPlan, write_kv_cache
 from kernels.merge import merge_attention_states
 from kernels.paged_prefill import PagedPrefillPlan, paged_prefill_attention
@@ -50,6 +56,7 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "prefill_attention",
+    "register_transformers",
     "set_debug",
     "write_kv_cache",
 ]

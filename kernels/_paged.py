@@ -140,6 +140,16 @@ def check_lengths(layout: CacheLayout, block_table: torch.Tensor, seq_lens: torc
     return longest
 
 
+def scale_op_args(scale: float | torch.Tensor) -> tuple[torch.Tensor | None, float]:
+    """A scale from :func:`scale_args` as two custom-op arguments (a schema has no float-or-tensor type)."""
+    return (scale, 1.0) if isinstance(scale, torch.Tensor) else (None, scale)
+
+
+def scale_from_op_args(tensor: torch.Tensor | None, value: float) -> tuple[float | torch.Tensor, bool]:
+    """The kernel's (scale, SCALE_IN_MEMORY) arguments from :func:`scale_op_args`'s pair."""
+    return (tensor, True) if tensor is not None else (value, False)
+
+
 @triton.jit
 def load_scale(scale, IN_MEMORY: tl.constexpr):
     """A per-tensor scale passed either as a pointer to one float32 (IN_MEMORY) or as a float argument."""

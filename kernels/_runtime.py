@@ -79,7 +79,10 @@ def arch(device: torch.device) -> int:
 
 
 def values_checkable(t: torch.Tensor) -> bool:
-    """Whether checking a tensor's values costs nothing (CPU) or the user asked for syncs (debug mode)."""
+    """Whether checking a tensor's values costs nothing (CPU) or the user asked for syncs (debug mode). Never
+    while torch.compile traces: values are unknown then, and reading them would break the graph."""
+    if torch.compiler.is_compiling():
+        return False
     return t.device.type == "cpu" or _debug
 
 

@@ -299,7 +299,7 @@ def paged_decode_attention(
         not isinstance(num_splits, int) or isinstance(num_splits, bool) or not 1 <= num_splits <= MAX_SPLITS
     ):
         raise ValueError(f"num_splits must be an int in 1..{MAX_SPLITS} or None, got {num_splits!r}")
-    ks, vs, ks_in_memory, vs_in_memory = _paged.scale_args(layout, k_scale, v_scale, k_cache.device)
+    ks, vs, _, _ = _paged.scale_args(layout, k_scale, v_scale, k_cache.device)
 
     if num_splits is None or _runtime.values_checkable(seq_lens):
         longest = _paged.check_lengths(layout, block_table, seq_lens, pages=_runtime.values_checkable(block_table))
@@ -307,10 +307,52 @@ def paged_decode_attention(
             context = longest if window is None else min(longest, window)
             num_splits = choose_num_splits(batch, layout.num_kv_heads, context, _runtime.sm_count(q.device))
 
+    return_lse = bool(return_lse)
+    out, lse = torch.ops.phaseattn.paged_decode_attention(
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        None if sm_scale is None else float(sm_scale),
+        None if softcap is None else float(softcap),
+        window,
+        sinks,
+        *_paged.scale_op_args(ks),
+        *_paged.scale_op_args(vs),
+        num_splits,
+        return_lse,
+    )
+    return (out, lse) if return_lse else out
+
+
+def launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float | None,
+    softcap: float | None,
+    window: int | None,
+    sinks: torch.Tensor | None,
+    k_scale: torch.Tensor | None,
+    k_scale_value: float,
+    v_scale: torch.Tensor | None,
+    v_scale_value: float,
+    num_splits: int,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launch behind ``torch.ops.phaseattn.paged_decode_attention`` (see :mod:`kernels._ops`), on inputs
+    :func:`paged_decode_attention` has validated: returns (out, lse), lse empty (0,) unless ``return_lse``."""
+    layout = _paged.cache_layout(k_cache, v_cache)
+    batch, num_q_heads, head_dim = q.shape
+    ks, ks_in_memory = _paged.scale_from_op_args(k_scale, k_scale_value)
+    vs, vs_in_memory = _paged.scale_from_op_args(v_scale, v_scale_value)
     out = _runtime.empty((batch, num_q_heads, head_dim), q.dtype, q.device)
     lse = _runtime.empty((batch, num_q_heads) if return_lse else (1,), torch.float32, q.device)
     if batch == 0:
-        return (out, lse) if return_lse else out
+        return out, lse if return_lse else lse[:0]
     split = num_splits > 1
     if split:
         part_out = _runtime.empty((batch, num_q_heads, num_splits, head_dim), torch.float32, q.device)
@@ -365,7 +407,7 @@ def paged_decode_attention(
     )
     if split:
         merge_splits(part_out, part_lse, out, lse, sinks, return_lse)
-    return (out, lse) if return_lse else out
+    return out, lse if return_lse else lse[:0]
 
 
 class PagedDecodePlan(_plan.AttentionPlan):

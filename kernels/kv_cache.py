@@ -131,7 +131,7 @@ def write_kv_cache(
         raise TypeError(f"k has dtype {k.dtype} but the cache has {layout.dtype}; a non-fp8 cache stores values as-is")
     if slot_mapping.shape[0] != num_tokens:
         raise ValueError(f"slot_mapping must have one slot per token ({num_tokens}), got {slot_mapping.shape[0]}")
-    ks, vs, ks_in_memory, vs_in_memory = _paged.scale_args(layout, k_scale, v_scale, k_cache.device)
+    ks, vs, _, _ = _paged.scale_args(layout, k_scale, v_scale, k_cache.device)
     if num_tokens and _runtime.values_checkable(slot_mapping):
         top = int(slot_mapping.max())
         if top >= layout.num_slots:
@@ -141,7 +141,28 @@ def write_kv_cache(
             )
     if num_tokens == 0:
         return
+    torch.ops.phaseattn.write_kv_cache(
+        k, v, k_cache, v_cache, slot_mapping, *_paged.scale_op_args(ks), *_paged.scale_op_args(vs)
+    )
 
+
+def launch(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    k_scale_value: float,
+    v_scale: torch.Tensor | None,
+    v_scale_value: float,
+) -> None:
+    """The launch behind ``torch.ops.phaseattn.write_kv_cache`` (see :mod:`kernels._ops`), on inputs
+    :func:`write_kv_cache` has validated (at least one token); writes k_cache and v_cache in place."""
+    layout = _paged.cache_layout(k_cache, v_cache)
+    num_tokens, num_kv_heads, head_dim = k.shape
+    ks, ks_in_memory = _paged.scale_from_op_args(k_scale, k_scale_value)
+    vs, vs_in_memory = _paged.scale_from_op_args(v_scale, v_scale_value)
     block_d = triton.next_power_of_2(head_dim)
     block_t = _block_tokens(block_d)
     _write_kernel[(triton.cdiv(num_tokens, block_t), num_kv_heads)](

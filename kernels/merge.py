@@ -209,7 +209,15 @@ def merge_attention_states(
                 f"{name}[{t}, {h}] is +inf: an LSE is finite, or -inf for a side that saw no key (the empty-partial "
                 "marker here; some libraries use +inf for it: map it to -inf)"
             )
+    return torch.ops.phaseattn.merge_attention_states(out_a, lse_a, out_b, lse_b)
 
+
+def launch(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launch behind ``torch.ops.phaseattn.merge_attention_states`` (see :mod:`kernels._ops`), on inputs
+    :func:`merge_attention_states` has validated."""
+    num_tokens, num_heads, head_dim = out_a.shape
     out = _runtime.empty((num_tokens, num_heads, head_dim), out_a.dtype, out_a.device)
     lse = _runtime.empty((num_tokens, num_heads), torch.float32, out_a.device)
     num_rows = num_tokens * num_heads

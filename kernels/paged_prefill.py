@@ -302,7 +302,7 @@ def paged_prefill_attention(
         not isinstance(num_splits, int) or isinstance(num_splits, bool) or not 1 <= num_splits <= MAX_SPLITS
     ):
         raise ValueError(f"num_splits must be an int in 1..{MAX_SPLITS} or None, got {num_splits!r}")
-    ks, vs, ks_in_memory, vs_in_memory = _paged.scale_args(layout, k_scale, v_scale, k_cache.device)
+    ks, vs, _, _ = _paged.scale_args(layout, k_scale, v_scale, k_cache.device)
 
     if max_seqlen_q is None or num_splits is None or _runtime.values_checkable(seq_lens):
         pages = _runtime.values_checkable(block_table)
@@ -310,18 +310,67 @@ def paged_prefill_attention(
         if max_seqlen_q is not None and max_seqlen_q < longest_q:
             raise ValueError(f"max_seqlen_q={max_seqlen_q} is shorter than the longest query run ({longest_q})")
         max_seqlen_q = longest_q if max_seqlen_q is None else max_seqlen_q
-    group = num_q_heads // layout.num_kv_heads
-    config = launch_config(max_seqlen_q, group, head_dim, q.dtype)
-    q_tiles = triton.cdiv(max_seqlen_q, config["BLOCK_Q"])
     if num_splits is None:
         num_splits = plan_num_splits(
             batch, max_seqlen_q, longest, num_q_heads, layout.num_kv_heads, head_dim, q.dtype, q.device, window
         )
 
+    return_lse = bool(return_lse)
+    out, lse = torch.ops.phaseattn.paged_prefill_attention(
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        cu_seqlens_q,
+        seq_lens,
+        bool(causal),
+        None if sm_scale is None else float(sm_scale),
+        None if softcap is None else float(softcap),
+        window,
+        sinks,
+        *_paged.scale_op_args(ks),
+        *_paged.scale_op_args(vs),
+        max_seqlen_q,
+        num_splits,
+        return_lse,
+    )
+    return (out, lse) if return_lse else out
+
+
+def launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    causal: bool,
+    sm_scale: float | None,
+    softcap: float | None,
+    window: int | None,
+    sinks: torch.Tensor | None,
+    k_scale: torch.Tensor | None,
+    k_scale_value: float,
+    v_scale: torch.Tensor | None,
+    v_scale_value: float,
+    max_seqlen_q: int,
+    num_splits: int,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launch behind ``torch.ops.phaseattn.paged_prefill_attention`` (see :mod:`kernels._ops`), on inputs
+    :func:`paged_prefill_attention` has validated: returns (out, lse), lse empty (0,) unless ``return_lse``."""
+    layout = _paged.cache_layout(k_cache, v_cache)
+    total_q, num_q_heads, head_dim = q.shape
+    batch = seq_lens.shape[0]
+    ks, ks_in_memory = _paged.scale_from_op_args(k_scale, k_scale_value)
+    vs, vs_in_memory = _paged.scale_from_op_args(v_scale, v_scale_value)
+    group = num_q_heads // layout.num_kv_heads
+    config = launch_config(max_seqlen_q, group, head_dim, q.dtype)
+    q_tiles = triton.cdiv(max_seqlen_q, config["BLOCK_Q"])
     out = _runtime.empty((total_q, num_q_heads, head_dim), q.dtype, q.device)
     lse = _runtime.empty((total_q, num_q_heads) if return_lse else (1,), torch.float32, q.device)
     if total_q == 0 or batch == 0 or q_tiles == 0:
-        return (out, lse) if return_lse else out
+        return out, lse if return_lse else lse[:0]
     split = num_splits > 1
     if split:
         part_out = _runtime.empty((total_q, num_q_heads, num_splits, head_dim), torch.float32, q.device)
@@ -372,7 +421,7 @@ def paged_prefill_attention(
     )
     if split:
         merge_splits(part_out, part_lse, out, lse, sinks, return_lse)
-    return (out, lse) if return_lse else out
+    return out, lse if return_lse else lse[:0]
 
 
 class PagedPrefillPlan(_plan.AttentionPlan):

@@ -262,6 +262,43 @@ def prefill_attention(
                 raise ValueError(f"{name}={given} is shorter than the longest sequence ({actual})")
         max_seqlen_q = longest_q if max_seqlen_q is None else max_seqlen_q
 
+    return_lse = bool(return_lse)
+    out, lse = torch.ops.phaseattn.prefill_attention(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        bool(causal),
+        None if sm_scale is None else float(sm_scale),
+        window,
+        None if softcap is None else float(softcap),
+        sinks,
+        return_lse,
+        max_seqlen_q,
+    )
+    return (out, lse) if return_lse else out
+
+
+def launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    causal: bool,
+    sm_scale: float | None,
+    window: int | None,
+    softcap: float | None,
+    sinks: torch.Tensor | None,
+    return_lse: bool,
+    max_seqlen_q: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launch behind ``torch.ops.phaseattn.prefill_attention`` (see :mod:`kernels._ops`), on inputs
+    :func:`prefill_attention` has validated: returns (out, lse), lse empty (0,) unless ``return_lse``."""
+    total_q, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    batch = cu_seqlens_q.numel() - 1
     out = _runtime.empty((total_q, num_q_heads, head_dim), q.dtype, q.device)
     lse = _runtime.empty((total_q, num_q_heads) if return_lse else (1,), torch.float32, q.device)
     if total_q > 0 and batch > 0 and max_seqlen_q > 0:
@@ -309,7 +346,7 @@ def prefill_attention(
         )
     elif return_lse:
         lse.fill_(float("-inf"))
-    return (out, lse) if return_lse else out
+    return out, lse if return_lse else lse[:0]
 
 
 class PrefillPlan(_plan.AttentionPlan):

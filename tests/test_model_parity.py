@@ -14,7 +14,7 @@ from disagg.errors import ModelLoadError
 from disagg.loader import load_model
 from disagg.request import SamplingParams
 from disagg.tokenizer import HFTokenizer
-from tests.util import rel_err
+from tests.util import randomize, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,15 +50,6 @@ ARCHS = {
 }
 PROMPTS = [list(range(3, 23)), [200, 17, 5, 99, 1, 42, 42, 7, 250, 64, 128, 3, 9]]  # 20 and 13 tokens
 NEW_TOKENS = 4
-
-
-def randomize(model, seed):
-    """transformers initializes biases to 0 and norms to 1; random values everywhere make every term count."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1.0 + 0.1 * noise if "norm" in name else noise * (1.0 if "embed" in name else 0.12))
 
 
 @pytest.fixture(scope="module")

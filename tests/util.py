@@ -55,3 +55,13 @@ def replace_arg(args, i: int, value) -> list:
     args = list(args)
     args[i] = value
     return args
+
+
+def randomize(model, seed):
+    """Random weights for a transformers model: it initializes biases to 0, norms to 1 (and gpt-oss sinks to 0);
+    random values everywhere make every term count."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(1.0 + 0.1 * noise if "norm" in name else noise * (1.0 if "embed" in name else 0.12))
