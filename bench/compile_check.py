@@ -178,7 +178,7 @@ def decode_args(head_dim: int, group: int, dtype: torch.dtype, block_n: int, fp8
     cache = torch.float8_e4m3fn if fp8 else dtype
     return {
         "Q": dtype, "KCache": cache, "VCache": cache, "BlockTable": torch.int32, "SeqLens": torch.int32,
-        "Out": dtype, "Lse": torch.float32, "PartOut": torch.float32, "PartLse": torch.float32,
+        "Out": dtype, "Lse": torch.float32, "PartOut": torch.float32, "PartLse": torch.float32, "Sinks": torch.float32,
         "k_scale": torch.float32 if fp8 else 1.0, "v_scale": 0.5 if fp8 else 1.0,
         "stride_qb": hq * head_dim, "stride_qh": head_dim, "stride_qd": 1,
         "stride_page": page * hkv * head_dim, "stride_token": hkv * head_dim, "stride_head": head_dim,

@@ -268,3 +268,14 @@ def _patch_language_once_per_launch(interp) -> None:
 
             scope.restore = leave
         return scope
+
+
+def remove() -> None:
+    """Undo :func:`apply` (tests use it to show the corrections matter)."""
+    for (cls, name), original in _originals.items():
+        setattr(cls, name, original)
+    _originals.clear()
+
+
+def is_active() -> bool:
+    return bool(_originals)
