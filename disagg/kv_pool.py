@@ -28,7 +28,7 @@ import kernels
 from disagg.errors import PoolFullError
 from disagg.prefix_cache import PrefixCache, chain_hashes
 
-PAGE_SIZES = (8, 16, 32, 64, 128, 256)  # what the paged kernels accept
+PAGE_SIZES = kernels.PAGE_SIZES  # what the paged kernels accept: powers of two from 1 to 256
 FP8 = torch.float8_e4m3fn
 CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, FP8)  # what the kernels read and write
 
@@ -48,7 +48,7 @@ class KVPool:
     Args:
         num_layers, num_kv_heads, head_dim: the model's KV shape.
         num_pages: pages per layer; capacity is num_pages * page_size tokens.
-        page_size: tokens per page, a power of two from 8 to 256.
+        page_size: tokens per page, a power of two from 1 to 256.
         dtype: cache dtype: the model's dtype, or ``torch.float8_e4m3fn`` (values stored as x / scale).
         device: where the pages live (the kernels' device).
         kv_scale: the per-tensor fp8 scale of every layer's K and V (ignored for other dtypes).

@@ -11,7 +11,7 @@ Public API:
                              the same kernels planned once per step (host-side lengths: checks, split count,
                              grid, workspace) and run per layer (launch only): see kernels._plan
     register_transformers    make "phaseattn" an attn_implementation of Hugging Face transformers (optional extra)
-    HEAD_DIMS                the head dims the attention kernels support
+    HEAD_DIMS, PAGE_SIZES    the head dims the attention kernels support; the page sizes of the paged caches
 
 The attention kernels all take ``sinks=`` (one float32 logit per query head that joins the softmax denominator).
 
@@ -35,6 +35,7 @@ if _runtime.INTERPRET:
     _interpreter_fixes.apply()
 
 from kernels import _ops  # noqa: F401  (registers torch.ops.phaseattn.*, which the public functions call)
+from kernels._paged import PAGE_SIZES
 from kernels._plan import Workspace
 from kernels.decode import PagedDecodePlan, paged_decode_attention
 from kernels.hf import register_transformers
@@ -46,6 +47,7 @@ from kernels.prefill import PrefillPlan, prefill_attention
 __all__ = [
     "HEAD_DIMS",
     "INTERPRET",
+    "PAGE_SIZES",
     "PagedDecodePlan",
     "PagedPrefillPlan",
     "PrefillPlan",

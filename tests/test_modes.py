@@ -82,6 +82,15 @@ def test_greedy_tokens_do_not_depend_on_mode_chunks_or_cache(model, reference, m
     assert all_free(engine)
 
 
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_small_pages_give_the_same_tokens(model, reference, page_size):
+    """Pages below 8 tokens (SGLang's radix cache uses 1): every token its own page, chunked, cached and shared."""
+    engine = Engine(model, mode="colocated", page_size=page_size, max_batch_tokens=8)
+    outputs = engine.generate(requests())
+    assert ids(outputs) == reference and outputs[1].cached_tokens >= 16
+    assert all_free(engine)
+
+
 def test_sampled_tokens_do_not_depend_on_mode_chunks_or_cache(model):
     plain = Engine(model, page_size=8, max_batch_tokens=None, prefix_cache=False).generate(requests(SAMPLED))
     mixed = Engine(model, mode="colocated", page_size=8, max_batch_tokens=8).generate(requests(SAMPLED))
