@@ -27,12 +27,14 @@ import torch
 from tqdm import tqdm
 
 import kernels
+from disagg.cli_help import DefaultsHelpFormatter
 from disagg.decode import DecodeStage
 from disagg.engine import Engine, make_pool
 from disagg.errors import EngineError
 from disagg.export import read_export_file, write_export
 from disagg.kv_pool import PAGE_SIZES
 from disagg.loader import load_model
+from disagg.metrics import format_metrics, plural
 from disagg.prefill import PrefillStage
 from disagg.request import Request, RequestOutput, SamplingParams
 from disagg.tokenizer import Tokenizer
@@ -68,14 +70,26 @@ def _seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m disagg", description=__doc__.split("\n\n")[0])
+    defaults = DefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="python -m disagg", description=__doc__.split("\n\n")[0], formatter_class=defaults
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="both stages in one process")
-    prefill = commands.add_parser("prefill", help="the prefill stage: prompts in, KV exports out")
-    decode = commands.add_parser("decode", help="the decode stage: KV exports in, tokens out")
+    run = commands.add_parser("run", help="both stages in one process", formatter_class=defaults)
+    prefill = commands.add_parser(
+        "prefill", help="the prefill stage: prompts in, KV exports out", formatter_class=defaults
+    )
+    decode = commands.add_parser("decode", help="the decode stage: KV exports in, tokens out", formatter_class=defaults)
     for p in (run, prefill, decode):
-        p.add_argument("--model", default="tiny", help="'tiny' (embedded, the default) or a Hugging Face directory")
-        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+        p.add_argument(
+            "--model", default="tiny", help="'tiny' (trained, embedded), 'tiny-random' or a Hugging Face directory"
+        )
+        p.add_argument(
+            "--dtype",
+            default="auto",
+            choices=["auto", "float32", "float16", "bfloat16"],
+            help="weights and activations (auto: float32 on CPU, the checkpoint's 16-bit dtype on GPU)",
+        )
         p.add_argument("--kv-dtype", default="auto", choices=list(KV_DTYPES), help="KV cache dtype (auto: the model's)")
         p.add_argument("--page-size", type=int, default=16, choices=PAGE_SIZES, help="KV page size of the pool(s)")
         p.add_argument("--num-pages", type=_positive, default=None, help="pages per pool (default: 16384 tokens)")
@@ -84,10 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         prompts = p.add_mutually_exclusive_group()
         prompts.add_argument("--prompt", nargs="+", metavar="TEXT", help="prompts as text (needs a tokenizer)")
         prompts.add_argument("--prompt-ids", nargs="+", type=_token_ids, metavar="IDS", help="prompts as ids: 1,2,3")
-        p.add_argument("--max-new-tokens", type=_positive, default=32)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-        p.add_argument("--top-k", type=int, default=0, help="0: off")
-        p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+        p.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens to generate per request")
+        p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+        p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: off")
+        p.add_argument(
+            "--top-p", type=float, default=1.0, help="nucleus sampling: smallest set of tokens with this mass; 1.0: off"
+        )
         p.add_argument("--seed", type=int, default=0, help="request i samples with seed SEED + i")
         p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
         p.add_argument("--max-batch-tokens", type=_positive, default=8192, help="prompt tokens per prefill batch")
@@ -104,8 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--timeout", type=_seconds, default=60.0, help="distributed: seconds of silence before a peer rank is lost"
     )
-    prefill.add_argument("--export-dir", type=Path, required=True)
-    decode.add_argument("--import-dir", type=Path, required=True)
+    prefill.add_argument(
+        "--export-dir", type=Path, required=True, help="new or empty directory for the request-NNNNNN.safetensors"
+    )
+    decode.add_argument("--import-dir", type=Path, required=True, help="directory of exports written by prefill")
     return parser
 
 
@@ -145,20 +163,29 @@ def _report(args, model, tokenizer, outputs: list[RequestOutput], metrics: dict[
             f"model {args.model} ({model.config.architecture}, {model.config.num_layers} layers, {metrics['dtype']})"
             f" on {metrics['device']}"
         )
-        if str(args.model) == "tiny":
-            print("(tiny has random weights: its text is noise; --model PATH runs a Hugging Face checkpoint)")
+        if str(args.model) in _NOTES:
+            print(_NOTES[str(args.model)])
         for o in outputs:
-            print(f"\n[{o.request_id}] prompt {_show(tokenizer, o.prompt_ids)} ({_count(len(o.prompt_ids), 'token')})")
+            print(f"\n[{o.request_id}] prompt {_show(tokenizer, o.prompt_ids)} ({plural(len(o.prompt_ids), 'token')})")
             if o.error is not None:
-                print(f"    error: {o.error}")
+                print("    failed (the error is on stderr)")
                 continue
             print(
-                f"    output {_show(tokenizer, o.output_ids)} ({_count(len(o.output_ids), 'token')}, {o.finish_reason})"
+                f"    output {_show(tokenizer, o.output_ids)} ({plural(len(o.output_ids), 'token')}, {o.finish_reason})"
             )
             for key, value in (extra or {}).get(o.request_id, {}).items():
                 print(f"    {key}: {value}")
         print("\n" + format_metrics(metrics))
+    for o in outputs:
+        if o.error is not None:
+            print(f"error: {o.error}", file=sys.stderr)
     return 1 if any(o.error is not None for o in outputs) else 0
+
+
+_NOTES = {
+    "tiny": "(tiny: 0.84 M parameters trained for minutes on Python's help texts; English-like words, no sense)",
+    "tiny-random": "(tiny-random has random weights: its text is noise)",
+}
 
 
 def _show(tokenizer: Tokenizer | None, ids: list[int]) -> str:
@@ -166,43 +193,10 @@ def _show(tokenizer: Tokenizer | None, ids: list[int]) -> str:
     return f"{tokenizer.decode(ids)!r} [{ids_text}]" if tokenizer is not None else f"[{ids_text}]"
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'s' * (n != 1)}"
-
-
 def _mode() -> dict[str, str]:
     if kernels.INTERPRET:
         return {"device": "cpu", "kernels": "triton interpreter"}
     return {"device": torch.cuda.get_device_name(), "kernels": "compiled"}
-
-
-def format_metrics(m: dict[str, Any]) -> str:
-    """The metrics as a short table (stages that did nothing in this process are left out)."""
-
-    def f(x: float | None, unit: str = " s") -> str:
-        return "-" if x is None else f"{x:.4g}{unit}"
-
-    lines = [f"{'stage':<10}{'tokens':>10}{'time':>12}{'tokens/s':>12}"]
-    for stage in ("prefill", "decode"):
-        tokens, seconds = m[f"{stage}_tokens"], m[f"{stage}_time_s"]
-        if tokens:
-            lines.append(f"{stage:<10}{tokens:>10}{f(seconds):>12}{f(m[f'{stage}_tokens_per_s'], ''):>12}")
-    lines.append(
-        f"requests {m['num_requests']} ({m['num_failed']} failed)   TTFT mean {f(m['ttft_mean_s'])} "
-        f"(max {f(m['ttft_max_s'])})   TPOT mean {f(m['tpot_mean_s'])}"
-    )
-    kv = []
-    if m["exports"]:
-        kv.append(
-            f"KV export: {m['kv_bytes_exported']:,} bytes for {_count(m['exports'], 'request')}, {f(m['export_time_s'])}"
-        )
-    if m["imports"]:
-        kv.append(f"KV import: {_count(m['imports'], 'request')}, {f(m['import_time_s'])}")
-    if m["decode_steps"]:
-        kv.append(f"decode: {m['decode_steps']} steps, mean batch {f(m['mean_decode_batch'], '')}")
-    lines += ["   ".join(kv)] if kv else []
-    lines.append(f"wall {f(m.get('wall_time_s'))}, kernels: {m['kernels']} on {m['device']}")
-    return "\n".join(lines)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -259,11 +253,22 @@ def cmd_prefill(args: argparse.Namespace) -> int:
     return _report(args, model, tokenizer, ordered, metrics, files)
 
 
-def cmd_decode(args: argparse.Namespace) -> int:
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    files = sorted(args.import_dir.glob("*.safetensors"))
+def _export_files(directory: Path) -> list[Path]:
+    """The exports in ``directory`` in name order; an EngineError says why there are none."""
+    if not directory.exists():
+        raise EngineError(f"--import-dir {directory} does not exist")
+    if not directory.is_dir():
+        raise EngineError(f"--import-dir {directory} is not a directory")
+    files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise EngineError(f"no *.safetensors exports in {args.import_dir}")
+        what = "holds no *.safetensors exports" if any(directory.iterdir()) else "is empty"
+        raise EngineError(f"--import-dir {directory} {what}")
+    return files
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    files = _export_files(args.import_dir)  # before the model loads: a wrong directory fails at once
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
     pool = make_pool(model, page_size=args.page_size, num_pages=args.num_pages, kv_dtype=KV_DTYPES[args.kv_dtype])
     stage = DecodeStage(model, pool, max_batch_size=args.max_batch_size)
     start = time.perf_counter()

@@ -7,6 +7,7 @@ or through Triton's interpreter on CPU.
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -19,7 +20,12 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double().cpu() - ref).norm() / ref.norm()).item()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(  # no options: --help says what the command does
+        prog="python -m kernels",
+        description=" ".join(__doc__.replace("``", "").split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    ).parse_args(argv)
     device = "cpu" if kernels.INTERPRET else "cuda"
     dtype, hq, hkv, d, page = torch.bfloat16, 8, 2, 128, 16
     gen = torch.Generator().manual_seed(0)

@@ -15,7 +15,7 @@ from disagg.prefill import PrefillStage
 from disagg.request import Request, SamplingParams
 
 ARGS = ["--prompt-ids", "256,72,101,108,108,111", "256,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18", "256"]
-ARGS += ["--max-new-tokens", "3", "--temperature", "0.8", "--top-k", "50", "--seed", "11"]
+ARGS += ["--model", "tiny-random", "--max-new-tokens", "3", "--temperature", "0.8", "--top-k", "50", "--seed", "11"]
 
 
 def disagg(*args: str) -> subprocess.CompletedProcess:
@@ -53,7 +53,7 @@ def test_run_equals_prefill_then_decode_through_files(handover):
 
 
 def test_decode_refuses_a_bad_export_and_exits_nonzero(tmp_path):
-    model, _ = load_model("tiny")
+    model, _ = load_model("tiny-random")
     stage = PrefillStage(model, make_pool(model, num_pages=4))
     for i, prompt in enumerate([[256, 1, 2], [256, 3], [256, 4, 5, 6]]):
         stage.add(Request(str(i), prompt, SamplingParams(max_new_tokens=3)))
@@ -65,21 +65,31 @@ def test_decode_refuses_a_bad_export_and_exits_nonzero(tmp_path):
     p = disagg("decode", "--import-dir", str(tmp_path))
     assert p.returncode == 1
     assert "Traceback" not in p.stdout + p.stderr
-    assert "request-000001.safetensors: checksum mismatch" in p.stdout
+    assert "error: request-000001.safetensors: checksum mismatch" in p.stderr  # per-request errors: stderr
+    assert "checksum" not in p.stdout and "failed (the error is on stderr)" in p.stdout
     assert p.stdout.count("(3 tokens, length)") == 2  # the other two requests went on
     assert "requests 3 (1 failed)" in p.stdout
 
 
 def test_usage_errors_are_reported_without_traceback(tmp_path, capsys):
     assert main(["decode", "--import-dir", str(tmp_path)]) == 1
-    assert "no *.safetensors exports" in capsys.readouterr().err
-    assert main(["run", "--prompt-ids", "", "256,1", "--max-new-tokens", "1", "--json"]) == 1
-    doc = json.loads(capsys.readouterr().out)
+    assert f"--import-dir {tmp_path} is empty" in capsys.readouterr().err
+    assert main(["decode", "--import-dir", str(tmp_path / "missing")]) == 1
+    assert "missing does not exist" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["decode", "--import-dir", str(tmp_path / "file")]) == 1
+    assert "file is not a directory" in capsys.readouterr().err
+    assert main(["decode", "--import-dir", str(tmp_path)]) == 1
+    assert f"--import-dir {tmp_path} holds no *.safetensors exports" in capsys.readouterr().err
+    assert main(["run", "--model", "tiny-random", "--prompt-ids", "", "256,1", "--max-new-tokens", "1", "--json"]) == 1
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
     assert "the prompt is empty" in doc["requests"][0]["error"] and doc["requests"][1]["error"] is None
+    assert captured.err.strip() == "error: request 0: the prompt is empty"
     assert main(["run", "--model", str(tmp_path)]) == 1
     assert "has no config.json" in capsys.readouterr().err
     (tmp_path / "old.safetensors").write_bytes(b"")
-    assert main(["prefill", "--prompt-ids", "256", "--export-dir", str(tmp_path)]) == 1
+    assert main(["prefill", "--model", "tiny-random", "--prompt-ids", "256", "--export-dir", str(tmp_path)]) == 1
     assert "already holds *.safetensors files" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["run", "--page-size", "12"])
