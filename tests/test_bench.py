@@ -268,3 +268,14 @@ def test_figure_without_results_says_so():
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels[0] == roofline_plot.ASSUMED_LABEL and all(s.startswith("analytic") for s in labels[1:])
     assert not any(len(c.get_offsets()) for c in fig.axes[0].collections)  # no measured point is drawn
+
+
+def test_status_lines_are_clipped_at_word_boundaries():
+    from bench.results import clip
+
+    reason = "skipped: refuses this shape (Flash attention requires head_dim <= 256, got 512; " + "more words " * 20
+    short = clip(reason, 90)
+    assert len(short) <= 90 and short.endswith(" ...")
+    kept = short.removesuffix(" ...").split()
+    assert kept == reason.split()[: len(kept)]  # whole words only, the last one included
+    assert clip("fits as is", 90) == "fits as is"
