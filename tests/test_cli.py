@@ -1,6 +1,7 @@
 """``python -m disagg``: ``run`` equals ``prefill`` then ``decode`` as separate processes handing over through
 export files; a bad export makes ``decode`` fail that request clearly (no traceback) and exit non-zero."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -93,3 +94,33 @@ def test_usage_errors_are_reported_without_traceback(tmp_path, capsys):
     assert "already holds *.safetensors files" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["run", "--page-size", "12"])
+
+
+def test_every_option_has_a_help_line_and_help_shows_defaults():
+    from disagg.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings} has no help line"
+        text = " ".join(sub.format_help().split())
+        assert "(default: tiny)" in text and "(default: auto)" in text and "(default: 16)" in text, name
+    assert "(default: 32)" in " ".join(commands["run"].format_help().split())  # --max-new-tokens
+
+
+def test_metrics_summary_prints_the_cli_table_and_stays_a_dict():
+    from disagg.metrics import Metrics, format_metrics
+
+    m = Metrics(prefill_tokens=10, prefill_time_s=0.5, decode_tokens=4, decode_time_s=0.25, decode_steps=2)
+    summary = m.summary([])
+    assert isinstance(summary, dict) and summary["decode_tokens_per_s"] == 16.0
+    assert json.loads(json.dumps(summary)) == dict(summary)
+    assert str(summary) == format_metrics(summary)
+    assert str(summary).splitlines()[1].split()[:2] == ["prefill", "10"] and "decode: 2 steps" in str(summary)
+
+
+def test_dir_of_the_package_lists_its_public_names():
+    import disagg
+
+    assert set(disagg.__all__) <= set(dir(disagg)) and "Engine" in disagg.__all__
