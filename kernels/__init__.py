@@ -4,7 +4,11 @@ Public API:
     prefill_attention        FlashAttention forward over packed varlen batches (causal, GQA, window, softcap)
     write_kv_cache           scatter new K/V into a paged cache (num_pages, page_size, kv_heads, head_dim); fp8
     paged_decode_attention   one query token per sequence over its paged KV cache (GQA, split-KV, fp8 KV)
+    paged_prefill_attention  new query tokens per sequence over a paged cache holding a prefix (chunked prefill,
+                             prefix reuse, multi-token decode)
     merge_attention_states   exact combine of two partial attentions over disjoint key sets, through their LSEs
+
+The attention kernels all take ``sinks=`` (one float32 logit per query head that joins the softmax denominator).
 
 The kernels run compiled on CUDA tensors when a CUDA device is present, and in Triton's interpreter on CPU
 tensors otherwise (``TRITON_INTERPRET`` set by the user wins). See :mod:`kernels._runtime`.
@@ -24,6 +28,7 @@ if _runtime.INTERPRET:
 from kernels.decode import paged_decode_attention
 from kernels.kv_cache import write_kv_cache
 from kernels.merge import merge_attention_states
+from kernels.paged_prefill import paged_prefill_attention
 from kernels.prefill import prefill_attention
 
 __all__ = [
@@ -31,6 +36,7 @@ __all__ = [
     "debug_enabled",
     "merge_attention_states",
     "paged_decode_attention",
+    "paged_prefill_attention",
     "prefill_attention",
     "set_debug",
     "write_kv_cache",

@@ -9,6 +9,8 @@ import math
 import triton
 import triton.language as tl
 
+from kernels._paged import token_offsets
+
 LOG2E = tl.constexpr(1.4426950408889634)  # jit globals must be tl.constexpr instances
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -63,3 +65,125 @@ def softmax_finish(acc, m_i, l_i):
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     return out, lse
+
+
+@triton.jit
+def add_sink(acc, m_i, l_i, sink):
+    """Fold an attention sink into a running softmax: one extra log2-domain logit ``sink`` (M,) per row that joins
+    the denominator and carries no value (its value vector is zero). A sink of -inf changes nothing."""
+    _, alpha, m_i, l_i = online_softmax_step(m_i, l_i, sink[:, None], True)
+    return acc * alpha[:, None], m_i, l_i
+
+
+@triton.jit
+def key_tiles(
+    first_pos, last_pos, seqlen_k, window, split, num_splits,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+):  # fmt: skip
+    """The key tiles a tile of queries at positions ``first_pos..last_pos`` (bottom-right causal: position p sees
+    keys j <= p, and with a window also j > p - window) must visit, as three runs of whole BLOCK_N tiles:
+
+    - head ``[head_lo, + n_head tiles)``: the window's lower edge, masked;
+    - body ``[body_lo, + n_body tiles)``: keys every query of the tile sees, no mask needed;
+    - tail ``[tail_lo, + n_tail tiles)``: the causal diagonal and the sequence end, masked.
+
+    Tiles no query can see are never part of a run. With ``num_splits`` > 1 the visited tiles are cut into
+    ``num_splits`` contiguous shares of whole tiles and only share ``split`` is returned (flash-decoding).
+    Also returns ``[key_lo, key_hi)``, the keys at least one query sees (masked loads stop there).
+    """
+    key_hi = seqlen_k
+    body_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        key_hi = tl.minimum(key_hi, last_pos + 1)
+        body_hi = tl.minimum(body_hi, (tl.maximum(first_pos + 1, 0) // BLOCK_N) * BLOCK_N)
+    key_lo = 0
+    lo = 0
+    body_lo = 0
+    if HAS_WINDOW:
+        key_lo = tl.maximum(first_pos - window + 1, 0)
+        lo = (key_lo // BLOCK_N) * BLOCK_N
+        body_lo = tl.cdiv(tl.maximum(last_pos - window + 1, 0), BLOCK_N) * BLOCK_N
+    split_a = tl.minimum(tl.maximum(body_lo, lo), key_hi)
+    split_b = tl.minimum(tl.maximum(body_hi, split_a), key_hi)
+    per_split = tl.cdiv(tl.cdiv(tl.maximum(key_hi - lo, 0), BLOCK_N), num_splits)
+    share_lo = lo + split * per_split * BLOCK_N
+    share_hi = tl.minimum(share_lo + per_split * BLOCK_N, key_hi)
+    head_lo = tl.maximum(lo, share_lo)
+    body_lo = tl.maximum(split_a, share_lo)
+    tail_lo = tl.maximum(split_b, share_lo)
+    n_head = tl.cdiv(tl.maximum(tl.minimum(split_a, share_hi) - head_lo, 0), BLOCK_N)
+    n_body = tl.maximum(tl.minimum(split_b, share_hi) - body_lo, 0) // BLOCK_N
+    n_tail = tl.cdiv(tl.maximum(share_hi - tail_lo, 0), BLOCK_N)
+    return key_lo, key_hi, head_lo, n_head, body_lo, n_body, tail_lo, n_tail
+
+
+@triton.jit
+def attend_tiles(
+    acc, m_i, l_i, q, k_base, v_base, block_table_row, stride_btp,
+    stride_kt, stride_kd, stride_vt, stride_vd, stride_page,
+    first, n_first, second, n_tiles, key_lo, key_hi, pos, window, qk_scale, softcap,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Fold ``n_tiles`` key tiles into the running softmax (acc (M, BLOCK_D), m_i, l_i) of the query tile ``q``
+    (M, BLOCK_D) whose rows sit at positions ``pos`` (M,): the first ``n_first`` tiles start at ``first``, the
+    rest at ``second`` (two runs, one loop: fewer inlined loop copies, fewer registers).
+
+    Keys are read from ``k_base``/``v_base`` at token stride ``stride_kt``/``stride_vt`` (PAGE_SIZE = 0, dense
+    K/V), or through a block table (PAGE_SIZE > 0: token t in page ``block_table_row[t // PAGE_SIZE]``, K and V
+    sharing the cache strides ``stride_page``/``stride_kt``); K/V may be fp8 and are converted to q's dtype.
+
+    Without MASKED every key of every tile is visible to every row: no mask is computed at all. With MASKED keys
+    outside ``[key_lo, key_hi)`` are not loaded, and the causal diagonal and window are applied per element. A
+    key hidden from a row must not influence it, even when its V is Inf/NaN (0 x Inf = NaN inside P·V): masked
+    tiles multiply P by V with its non-finite entries zeroed, and a second product of the visibility mask with
+    the indicator of those entries marks the rows that do see one, which become NaN (as attention over them is).
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for i in tl.range(0, n_tiles):
+        start_n = tl.where(i < n_first, first + i * BLOCK_N, second + (i - n_first) * BLOCK_N)
+        cols = start_n + offs_n
+        if MASKED:
+            key_ok = (cols >= key_lo) & (cols < key_hi)
+        else:
+            key_ok = cols < key_hi
+        if PAGE_SIZE > 0:
+            k_rows = token_offsets(block_table_row, stride_btp, cols, key_ok, PAGE_SIZE, stride_page, stride_kt)
+            v_rows = k_rows
+        else:
+            k_rows = cols.to(tl.int64) * stride_kt
+            v_rows = cols.to(tl.int64) * stride_vt
+        k_ptrs = k_base + k_rows[None, :] + offs_d[:, None] * stride_kd
+        v_ptrs = v_base + v_rows[:, None] + offs_d[None, :] * stride_vd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+        elif HEAD_DIM != BLOCK_D:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = scale_scores(tl.dot(q, k.to(q.dtype), input_precision=PRECISION), qk_scale, softcap, HAS_SOFTCAP)
+        if MASKED:
+            visible = tl.broadcast_to(key_ok[None, :], (q.shape[0], BLOCK_N))
+            if CAUSAL:
+                visible &= cols[None, :] <= pos[:, None]
+            if HAS_WINDOW:
+                visible &= cols[None, :] > pos[:, None] - window
+            s = tl.where(visible, s, float("-inf"))
+        p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, s, MASKED)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=d_ok[None, :] & key_ok[:, None], other=0.0).to(q.dtype)
+            finite = tl.abs(v.to(tl.float32)) < float("inf")
+            acc = tl.dot(p.to(q.dtype), tl.where(finite, v, 0.0).to(q.dtype), acc * alpha[:, None],
+                         input_precision=PRECISION)  # fmt: skip
+            seen = tl.dot(visible.to(q.dtype), tl.where(finite, 0.0, 1.0).to(q.dtype), input_precision=PRECISION)
+            acc = tl.where(seen > 0, float("nan"), acc)
+        else:
+            if HEAD_DIM != BLOCK_D:
+                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+            else:
+                v = tl.load(v_ptrs)
+            acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_i, l_i

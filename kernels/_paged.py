@@ -3,10 +3,10 @@
 One K and one V tensor per layer, each (num_pages, page_size, num_kv_heads, head_dim) ("NHD" pages, as in vLLM's
 flash backend and FlashInfer). Token ``t`` of a sequence lives in page ``block_table[b, t // page_size]`` at
 offset ``t % page_size``; a *slot* is the flat index ``page * page_size + offset``. page_size is a power of two
-from 8 to 256. Both caches share one shape, dtype, device and strides (any strides: a cache may be a view into a
+from 1 to 256 (1 as in SGLang's radix cache, where a page is a token). Both caches share one shape, dtype, device and strides (any strides: a cache may be a view into a
 larger pool); addresses are computed in int64 because a pool can hold more than 2**31 elements.
 
-fp8 caches (float8_e4m3fn) hold ``x / scale`` saturated to ±448, with one float32 scale per tensor (K and V each).
+fp8 caches (float8_e4m3fn) hold ``x / scale`` saturated to ±448 (infinities included; NaN stays NaN), with one float32 scale per tensor (K and V each).
 A scale is either a Python number or a 1-element float32 tensor on the cache's device; the tensor form is read
 in-kernel, so a launch never copies a scale to the host (scales that change at run time stay CUDA-graph safe).
 """
@@ -21,7 +21,7 @@ import triton.language as tl
 
 from kernels import _runtime, _validate
 
-PAGE_SIZES = (8, 16, 32, 64, 128, 256)
+PAGE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CACHE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn)
 FP8_MAX = 448.0
 """Largest finite float8_e4m3fn magnitude: stored values saturate here."""
@@ -110,6 +110,41 @@ def _positive_finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be positive and finite, got {value}")
 
 
+def check_lengths(layout: CacheLayout, block_table: torch.Tensor, seq_lens: torch.Tensor, pages: bool) -> int:
+    """Copy seq_lens to the host (a sync on CUDA), check them against the block table and the cache, and with
+    ``pages`` also check that every page id a sequence uses is a page of the cache. Returns the longest length.
+    Sequences of length 0 are allowed (they read no page)."""
+    lens = seq_lens.cpu().long()
+    if lens.numel() == 0:
+        return 0
+    shortest, longest = int(lens.min()), int(lens.max())
+    if shortest < 0:
+        i = int(torch.argmin(lens))
+        raise ValueError(f"seq_lens must be >= 0, got seq_lens[{i}] = {shortest}")
+    width, page_size = block_table.shape[1], layout.page_size
+    if longest > width * page_size:
+        raise ValueError(
+            f"block_table is too narrow: {width} columns hold {width * page_size} tokens at page_size {page_size}, "
+            f"but the longest seq_len is {longest}"
+        )
+    if longest > layout.num_slots:
+        raise ValueError(
+            f"seq_lens has a sequence of {longest} tokens, longer than the cache's {layout.num_pages} pages of "
+            f"{page_size} hold"
+        )
+    if pages:
+        table = block_table.cpu()
+        used = torch.arange(width)[None, :] < ((lens + page_size - 1) // page_size)[:, None]
+        bad = used & ((table < 0) | (table >= layout.num_pages))
+        if bool(bad.any()):
+            row, col = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"block_table[{row}, {col}] = {int(table[row, col])} is not a page of the cache "
+                f"(0..{layout.num_pages - 1})"
+            )
+    return longest
+
+
 @triton.jit
 def load_scale(scale, IN_MEMORY: tl.constexpr):
     """A per-tensor scale passed either as a pointer to one float32 (IN_MEMORY) or as a float argument."""
@@ -123,9 +158,10 @@ def load_scale(scale, IN_MEMORY: tl.constexpr):
 @triton.jit
 def fp8_saturate(x, scale):
     """The fp8 storage rule before the final cast: x / scale in fp32, saturated to ±448 (the cast to
-    float8_e4m3fn then rounds to nearest even)."""
+    float8_e4m3fn then rounds to nearest even). NaN stays NaN: the compiled min/max would return the other
+    operand (PTX min/max drop a NaN), saturating it to -448, so NaN is selected explicitly."""
     y = x.to(tl.float32) / scale
-    return tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
+    return tl.where(y != y, y, tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX))
 
 
 @triton.jit

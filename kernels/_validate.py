@@ -9,8 +9,9 @@ import torch
 from kernels import _runtime
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-HEAD_DIMS = (32, 64, 96, 128, 192, 256)
-"""Head dims every kernel supports (non-powers of two are padded inside the kernels)."""
+HEAD_DIMS = tuple(range(32, 257, 16))
+"""Head dims every kernel supports: every multiple of 16 from 32 to 256 (non-powers of two are padded inside the
+kernels to the next power of two, with masked loads)."""
 MAX_GRID_YZ = 65535
 """CUDA's limit on a launch grid's y and z dimensions."""
 FP8_DTYPES = (torch.float8_e4m3fn,)
@@ -64,3 +65,30 @@ def positive_float(name: str, value: float | None) -> None:
 def window(value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
         raise ValueError(f"window must be an int >= 1 or None, got {value!r}")
+
+
+def sinks(t: object, num_q_heads: int, like: torch.Tensor) -> None:
+    """The ``sinks=`` argument: None, or float32 (num_q_heads,) on ``like``'s device (one logit per query head)."""
+    if t is None:
+        return
+    tensor("sinks", t, 1, (torch.float32,))
+    if t.shape[0] != num_q_heads:
+        raise ValueError(
+            f"sinks must hold one float32 logit per query head ({num_q_heads}), got shape {tuple(t.shape)}"
+        )
+    if t.device != like.device:
+        raise ValueError(f"sinks is on {t.device} but q is on {like.device}")
+
+
+def cu_seqlens_values(name: str, cu: torch.Tensor, total: int) -> torch.Tensor:
+    """Copy cu_seqlens to the host (a sync on CUDA), check its values (starts at 0, non-decreasing, ends at
+    ``total``) and return the sequence lengths (int64, on the host)."""
+    host = cu.cpu().long()
+    if int(host[0]) != 0:
+        raise ValueError(f"{name} must start at 0, got {int(host[0])}")
+    lengths = host[1:] - host[:-1]
+    if bool((lengths < 0).any()):
+        raise ValueError(f"{name} must be non-decreasing, got {host.tolist()[:16]}")
+    if int(host[-1]) != total:
+        raise ValueError(f"{name} must end at the token count {total}, got {int(host[-1])}")
+    return lengths

@@ -33,9 +33,9 @@ import triton
 import triton.language as tl
 
 from kernels import _paged, _runtime, _validate
-from kernels._jit import log2_logit_scale, online_softmax_step, scale_scores, softmax_finish
+from kernels._jit import LOG2E, add_sink, log2_logit_scale, online_softmax_step, scale_scores, softmax_finish
 from kernels._paged import load_scale, token_offsets
-from kernels.merge import merge_splits_kernel
+from kernels.merge import merge_splits
 
 HEAD_DIMS = _validate.HEAD_DIMS
 MAX_SPLITS = 256
@@ -56,6 +56,7 @@ def _decode_kernel(
     Lse,
     PartOut,
     PartLse,
+    Sinks,
     k_scale,
     v_scale,
     stride_qb,
@@ -87,6 +88,7 @@ def _decode_kernel(
     V_SCALE_IN_MEMORY: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     SPLIT: tl.constexpr,
     STORE_LSE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -143,6 +145,8 @@ def _decode_kernel(
             p.to(Q.dtype.element_ty), v.to(Q.dtype.element_ty), acc * alpha[:, None], input_precision=PRECISION
         )
 
+    if HAS_SINKS and not SPLIT:  # split partials get the sink in the merge, once
+        acc, m_i, l_i = add_sink(acc, m_i, l_i, tl.load(Sinks + heads, mask=h_ok, other=0.0) * LOG2E)
     out, lse = softmax_finish(acc, m_i, l_i)
     if IS_FP8:
         out *= load_scale(v_scale, V_SCALE_IN_MEMORY)
@@ -193,7 +197,7 @@ def _prune(configs, named_args, **kwargs):
 
 _autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st) for n, w, st in TUNING_SPACE],
-    key=["HEAD_DIM", "BLOCK_H", "PAGE_SIZE", "IS_FP8", "occupancy", "PRECISION"],
+    key=["HEAD_DIM", "BLOCK_H", "PAGE_SIZE", "IS_FP8", "HAS_SINKS", "occupancy", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune},
 )(_decode_kernel)
 
@@ -205,40 +209,6 @@ def choose_num_splits(batch: int, num_kv_heads: int, context: int, num_sms: int)
     programs = batch * num_kv_heads
     wanted = max(1, (2 * num_sms) // max(programs, 1))
     return max(1, min(wanted, context // MIN_TOKENS_PER_SPLIT, MAX_SPLITS))
-
-
-def _check_lengths(layout: _paged.CacheLayout, block_table: torch.Tensor, seq_lens: torch.Tensor, pages: bool) -> int:
-    """Copy seq_lens to the host (a sync on CUDA), check them against the block table and the cache, and with
-    ``pages`` also check that every page id a sequence uses is a page of the cache. Returns the longest length."""
-    lens = seq_lens.cpu().long()
-    if lens.numel() == 0:
-        return 0
-    shortest, longest = int(lens.min()), int(lens.max())
-    if shortest < 1:
-        i = int(torch.argmin(lens))
-        raise ValueError(f"seq_lens must be >= 1 (the query's own K/V is in the cache), got seq_lens[{i}] = {shortest}")
-    width, page_size = block_table.shape[1], layout.page_size
-    if longest > width * page_size:
-        raise ValueError(
-            f"block_table is too narrow: {width} columns hold {width * page_size} tokens at page_size {page_size}, "
-            f"but the longest seq_len is {longest}"
-        )
-    if longest > layout.num_slots:
-        raise ValueError(
-            f"seq_lens has a sequence of {longest} tokens, longer than the cache's {layout.num_pages} pages of "
-            f"{page_size} hold"
-        )
-    if pages:
-        table = block_table.cpu()
-        used = torch.arange(width)[None, :] < ((lens + page_size - 1) // page_size)[:, None]
-        bad = used & ((table < 0) | (table >= layout.num_pages))
-        if bool(bad.any()):
-            row, col = bad.nonzero()[0].tolist()
-            raise ValueError(
-                f"block_table[{row}, {col}] = {int(table[row, col])} is not a page of the cache "
-                f"(0..{layout.num_pages - 1})"
-            )
-    return longest
 
 
 def paged_decode_attention(
@@ -255,20 +225,22 @@ def paged_decode_attention(
     v_scale: float | torch.Tensor | None = None,
     num_splits: int | None = None,
     return_lse: bool = False,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of one new query token per sequence over its paged KV cache (the decode step).
 
     Args:
         q: (batch, num_q_heads, head_dim), float16 / bfloat16 / float32, any strides: the newest token of each
             sequence, whose own K/V are already in the cache at position seq_lens[b] - 1. head_dim in
-            (32, 64, 96, 128, 192, 256).
+            a multiple of 16 from 32 to 256.
         k_cache, v_cache: (num_pages, page_size, num_kv_heads, head_dim) ("NHD" pages; page_size a power of two
-            from 8 to 256), same shape, dtype, strides and device, as filled by :func:`kernels.write_kv_cache`.
+            from 1 to 256), same shape, dtype, strides and device, as filled by :func:`kernels.write_kv_cache`.
             dtype is q's dtype, or float8_e4m3fn with ``k_scale``/``v_scale`` (GPUs: compute capability >= 8.9).
             num_q_heads must be a multiple of num_kv_heads (GQA; MQA when num_kv_heads == 1).
         block_table: int32 (batch, max_pages_per_seq): row b lists sequence b's pages in order (any page ids, in
             any order); entries past the sequence's last page are never read.
-        seq_lens: int32 (batch,), each >= 1: the number of cached tokens of each sequence (the query included).
+        seq_lens: int32 (batch,): the number of cached tokens of each sequence (the query included). A length of
+            0 is a padding row (e.g. of a captured CUDA graph): it reads no page and gets out = 0, lse = -inf.
         sm_scale: softmax scale, default 1/sqrt(head_dim).
         softcap: logits become softcap * tanh(logits / softcap) after scaling.
         window: sliding window: the query at position p = seq_len - 1 sees keys p - window < j <= p.
@@ -279,12 +251,16 @@ def paged_decode_attention(
             the longest context, which copies seq_lens to the host (a sync). Given, the launch makes no
             device-to-host sync and can be captured in a CUDA graph (when autotuning, after a first call outside
             the capture); more splits than the context has tiles is allowed (empty splits are merged away).
-        return_lse: also return the natural-log log-sum-exp of the scaled logits, float32 (batch, num_q_heads).
+        return_lse: also return the natural-log log-sum-exp of the scaled logits, float32 (batch, num_q_heads);
+            with sinks it includes the sink term (merge with it on one side only, see prefill_attention).
+        sinks: float32 (num_q_heads,) or None: one logit per query head that joins the softmax denominator and
+            carries no value: out = sum_j e^(s_j) v_j / (e^(sinks[h]) + sum_j e^(s_j)) (lse = sinks[h] when
+            seq_len is 0).
 
     Returns:
         out (batch, num_q_heads, head_dim) in q's dtype, contiguous; with ``return_lse`` also the LSE.
 
-    Checks: shapes, dtypes and options always. The values of seq_lens (>= 1, within the block table's width and
+    Checks: shapes, dtypes and options always. The values of seq_lens (>= 0, within the block table's width and
     the cache) are checked on CPU tensors, with ``kernels.set_debug(True)``, or when num_splits is None (which
     syncs anyway). Page ids in the block table are checked only on CPU tensors or with ``kernels.set_debug(True)``:
     on CUDA without debug an out-of-range page id reads outside the cache.
@@ -310,12 +286,11 @@ def paged_decode_attention(
         raise ValueError(f"block_table must have one row per sequence ({batch}), got shape {tuple(block_table.shape)}")
     if seq_lens.shape[0] != batch:
         raise ValueError(f"seq_lens must have one length per sequence ({batch}), got shape {tuple(seq_lens.shape)}")
-    if batch > 0 and block_table.shape[1] == 0:
-        raise ValueError("block_table has no columns, but every sequence holds at least one page")
     if layout.num_kv_heads > MAX_GRID_YZ:
         raise ValueError(f"k_cache has {layout.num_kv_heads} KV heads; at most {MAX_GRID_YZ} are supported")
     _validate.positive_float("sm_scale", sm_scale)
     _validate.positive_float("softcap", softcap)
+    _validate.sinks(sinks, num_q_heads, q)
     _validate.window(window)
     if num_splits is not None and (
         not isinstance(num_splits, int) or isinstance(num_splits, bool) or not 1 <= num_splits <= MAX_SPLITS
@@ -324,7 +299,7 @@ def paged_decode_attention(
     ks, vs, ks_in_memory, vs_in_memory = _paged.scale_args(layout, k_scale, v_scale, k_cache.device)
 
     if num_splits is None or _runtime.values_checkable(seq_lens):
-        longest = _check_lengths(layout, block_table, seq_lens, pages=_runtime.values_checkable(block_table))
+        longest = _paged.check_lengths(layout, block_table, seq_lens, pages=_runtime.values_checkable(block_table))
         if num_splits is None:
             context = longest if window is None else min(longest, window)
             num_splits = choose_num_splits(batch, layout.num_kv_heads, context, _runtime.sm_count(q.device))
@@ -356,6 +331,7 @@ def paged_decode_attention(
         lse,
         part_out,
         part_lse,
+        part_lse if sinks is None else sinks,
         ks,
         vs,
         *q.stride(),
@@ -378,27 +354,12 @@ def paged_decode_attention(
         V_SCALE_IN_MEMORY=vs_in_memory,
         HAS_WINDOW=window is not None,
         HAS_SOFTCAP=softcap is not None,
+        HAS_SINKS=sinks is not None,
         SPLIT=split,
         STORE_LSE=return_lse,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **config,
     )
     if split:
-        block_s = triton.next_power_of_2(num_splits)
-        if not _runtime.INTERPRET:  # bound the (BLOCK_S, head_dim) fp32 tile held in registers
-            block_s = min(block_s, max(16, 4096 // block_d))
-        merge_splits_kernel[(batch, num_q_heads)](
-            part_out,
-            part_lse,
-            out,
-            lse,
-            num_splits,
-            num_q_heads,
-            *out.stride(),
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            BLOCK_S=block_s,
-            STORE_LSE=return_lse,
-            num_warps=4,
-        )
+        merge_splits(part_out, part_lse, out, lse, sinks, return_lse)
     return (out, lse) if return_lse else out

@@ -91,13 +91,14 @@ def write_kv_cache(
             dtype (stored unchanged); for a float8_e4m3fn cache any of the three.
         k_cache, v_cache: (num_pages, page_size, num_kv_heads, head_dim) ("NHD" pages), same shape, dtype,
             strides and device; dtype float16, bfloat16, float32 or float8_e4m3fn (GPUs: compute capability
-            >= 8.9); page_size a power of two from 8 to 256. Written in place.
+            >= 8.9); page_size a power of two from 1 to 256. Written in place.
         slot_mapping: int32 or int64 (num_tokens,): token i goes to page ``slot // page_size`` at offset
             ``slot % page_size``. A negative slot skips the token (padding). Slots must be < num_pages *
             page_size; two tokens with the same slot leave either one's values.
         k_scale, v_scale: required exactly for float8_e4m3fn caches: per-tensor float32 dequant scales, each a
             Python number or a 1-element float32 tensor on the cache's device (read in-kernel: no host sync).
-            The cache stores ``x / scale`` computed in fp32, saturated to ±448, rounded to nearest even.
+            The cache stores ``x / scale`` computed in fp32, saturated to ±448 (±inf too), rounded to nearest
+            even; NaN is stored as NaN.
 
     Slot values are checked (range) only where that needs no device-to-host sync: CPU tensors, or CUDA with
     ``kernels.set_debug(True)``. On CUDA without debug an out-of-range slot writes outside the cache.

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels import _runtime, _validate
-from kernels._jit import LOG2E, online_softmax_step, softmax_finish
+from kernels._jit import LOG2E, add_sink, online_softmax_step, softmax_finish
 
 MAX_HEAD_DIM = 1024
 
@@ -33,6 +33,7 @@ def merge_splits_kernel(
     PartLse,
     Out,
     Lse,
+    Sinks,
     num_splits,
     num_q_heads,
     stride_ob,
@@ -41,10 +42,12 @@ def merge_splits_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     STORE_LSE: tl.constexpr,
 ):
     """Out[b, h] = merge over s of (PartOut[b, h, s], PartLse[b, h, s]); PartOut (B, Hq, S, HEAD_DIM) and
-    PartLse (B, Hq, S) float32, contiguous."""
+    PartLse (B, Hq, S) float32, contiguous. With HAS_SINKS the attention sink ``Sinks[h]`` (float32, natural
+    log) joins the denominator once, here, rather than in every split."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = b.to(tl.int64) * num_q_heads + h
@@ -64,6 +67,8 @@ def merge_splits_kernel(
         p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, (lse * LOG2E)[None, :], True)
         w = tl.reshape(p, [BLOCK_S])
         acc = acc * alpha[:, None] + tl.sum(tl.where(w[:, None] > 0, w[:, None] * o, 0.0), 0)[None, :]
+    if HAS_SINKS:
+        acc, m_i, l_i = add_sink(acc, m_i, l_i, tl.load(Sinks + h + tl.zeros([1], dtype=tl.int32)) * LOG2E)
     out, lse = softmax_finish(acc, m_i, l_i)
     o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=d_ok[None, :])
@@ -126,6 +131,39 @@ def _merge_states_kernel(
     tl.store(Lse + rows, lse, mask=ok)
 
 
+def merge_splits(
+    part_out: torch.Tensor,
+    part_lse: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    sinks: torch.Tensor | None,
+    store_lse: bool,
+) -> None:
+    """Launch :func:`merge_splits_kernel`: part_out (rows, Hq, S, D) and part_lse (rows, Hq, S) float32,
+    contiguous, into out (rows, Hq, D) (any strides) and, with ``store_lse``, lse (rows, Hq) contiguous."""
+    rows, num_q_heads, num_splits, head_dim = part_out.shape
+    block_d = triton.next_power_of_2(head_dim)
+    block_s = triton.next_power_of_2(num_splits)
+    if not _runtime.INTERPRET:  # bound the (BLOCK_S, head_dim) fp32 tile held in registers
+        block_s = min(block_s, max(16, 4096 // block_d))
+    merge_splits_kernel[(rows, num_q_heads)](
+        part_out,
+        part_lse,
+        out,
+        lse,
+        part_lse if sinks is None else sinks,
+        num_splits,
+        num_q_heads,
+        *out.stride(),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_S=block_s,
+        HAS_SINKS=sinks is not None,
+        STORE_LSE=store_lse,
+        num_warps=4,
+    )
+
+
 def merge_attention_states(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +174,10 @@ def merge_attention_states(
             strides; head_dim up to 1024. Each is a normalised attention output (e.g. from ``prefill_attention``
             or ``paged_decode_attention`` with ``return_lse=True``).
         lse_a, lse_b: float32 (num_tokens, num_heads), natural-log log-sum-exps of the scaled logits of each side;
-            -inf marks a side that saw no key (its output is then ignored, even if it is NaN).
+            -inf marks a side that saw no key (its output is then ignored, even if it is NaN). +inf is refused
+            (checked on CPU tensors and in debug mode; on CUDA without debug such a row comes out NaN). With
+            attention sinks, exactly one side's LSE may include the sink term: compute one partial with
+            ``sinks=`` and the other without.
 
     Returns:
         (out, lse): out (num_tokens, num_heads, head_dim) in out_a's dtype, contiguous; lse float32
@@ -161,6 +202,13 @@ def merge_attention_states(
             )
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"out_a has head_dim {head_dim}; merge_attention_states supports 1..{MAX_HEAD_DIM}")
+    for name, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if _runtime.values_checkable(lse) and bool(torch.isposinf(lse).any()):
+            t, h = torch.isposinf(lse).nonzero()[0].tolist()
+            raise ValueError(
+                f"{name}[{t}, {h}] is +inf: an LSE is finite, or -inf for a side that saw no key (the empty-partial "
+                "marker here; some libraries use +inf for it: map it to -inf)"
+            )
 
     out = _runtime.empty((num_tokens, num_heads, head_dim), out_a.dtype, out_a.device)
     lse = _runtime.empty((num_tokens, num_heads), torch.float32, out_a.device)

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels import _runtime, _validate
-from kernels._jit import log2_logit_scale, online_softmax_step, scale_scores, softmax_finish
+from kernels._jit import LOG2E, add_sink, attend_tiles, key_tiles, log2_logit_scale, softmax_finish
 
 HEAD_DIMS = _validate.HEAD_DIMS
 MAX_GRID_YZ = _validate.MAX_GRID_YZ
@@ -41,59 +41,15 @@ MAX_GRID_YZ = _validate.MAX_GRID_YZ
 
 # fmt: off
 @triton.jit
-def _attend_tiles(
-    acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-    first, n_first, second, n_tiles, seqlen_k, rows, diag, window, qk_scale, softcap,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Fold ``n_tiles`` key tiles into the running softmax of the query tile: the first ``n_first`` start at
-    ``first``, the rest at ``second`` (two key ranges, one loop: fewer inlined loop copies, fewer registers).
-    ``rows`` are the tile's query indices and ``diag`` = Lk - Lq. With MASKED the sequence end, the causal diagonal
-    and the window's lower edge are applied per element; without it no mask is computed at all."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    for i in tl.range(0, n_tiles):
-        start_n = tl.where(i < n_first, first + i * BLOCK_N, second + (i - n_first) * BLOCK_N)
-        cols = start_n + offs_n
-        k_ptrs = k_base + cols[None, :].to(tl.int64) * stride_kt + offs_d[:, None] * stride_kd
-        v_ptrs = v_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :] * stride_vd
-        if MASKED:
-            k = tl.load(k_ptrs, mask=d_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
-        elif HEAD_DIM != BLOCK_D:
-            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-        s = scale_scores(tl.dot(q, k, input_precision=PRECISION), qk_scale, softcap, HAS_SOFTCAP)
-        if MASKED:
-            visible = cols[None, :] < seqlen_k
-            if CAUSAL:
-                visible &= cols[None, :] <= rows[:, None] + diag
-            if HAS_WINDOW:
-                visible &= cols[None, :] > rows[:, None] + diag - window
-            s = tl.where(visible, s, float("-inf"))
-        p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, s, MASKED)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=d_ok[None, :] & (cols[:, None] < seqlen_k), other=0.0)
-        elif HEAD_DIM != BLOCK_D:
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-    return acc, m_i, l_i
-
-
-@triton.jit
 def _prefill_kernel(
-    Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k,
+    Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k, Sinks,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od,
     num_q_heads, qk_scale, softcap, window, seqlen_bucket,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, STORE_LSE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -118,36 +74,23 @@ def _prefill_kernel(
     k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
 
-    # The keys this tile needs are [lo, hi). Inside, [body_lo, body_hi) is visible to every row of the tile and
-    # needs no mask; the head [lo, body_lo) (window edge) and tail [body_hi, hi) (diagonal, sequence end) do.
     last_row = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
-    hi = seqlen_k
-    body_hi = (seqlen_k // BLOCK_N) * BLOCK_N
-    if CAUSAL:
-        hi = tl.minimum(hi, last_row + diag + 1)
-        body_hi = tl.minimum(body_hi, (tl.maximum(m0 + diag + 1, 0) // BLOCK_N) * BLOCK_N)
-    lo = 0
-    body_lo = 0
-    if HAS_WINDOW:
-        lo = (tl.maximum(m0 + diag - window + 1, 0) // BLOCK_N) * BLOCK_N
-        body_lo = tl.cdiv(tl.maximum(last_row + diag - window + 1, 0), BLOCK_N) * BLOCK_N
-    split_a = tl.minimum(tl.maximum(body_lo, lo), hi)
-    split_b = tl.minimum(tl.maximum(body_hi, split_a), hi)
-    n_head = tl.cdiv(split_a - lo, BLOCK_N)
-    n_body = (split_b - split_a) // BLOCK_N
-    n_tail = tl.cdiv(tl.maximum(hi - split_b, 0), BLOCK_N)
+    key_lo, key_hi, head_lo, n_head, body_lo, n_body, tail_lo, n_tail = key_tiles(
+        m0 + diag, last_row + diag, seqlen_k, window, 0, 1, BLOCK_N, CAUSAL, HAS_WINDOW)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        split_a, n_body, split_a, n_body, seqlen_k, rows, diag, window, qk_scale, softcap,
-        HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
-    acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
-        lo, n_head, split_b, n_head + n_tail, seqlen_k, rows, diag, window, qk_scale, softcap,
-        HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+    acc, m_i, l_i = attend_tiles(
+        acc, m_i, l_i, q, k_base, v_base, cu_seqlens_k, 0, stride_kt, stride_kd, stride_vt, stride_vd, 0,
+        body_lo, n_body, body_lo, n_body, key_lo, key_hi, rows + diag, window, qk_scale, softcap,
+        HEAD_DIM, BLOCK_D, BLOCK_N, 0, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+    acc, m_i, l_i = attend_tiles(
+        acc, m_i, l_i, q, k_base, v_base, cu_seqlens_k, 0, stride_kt, stride_kd, stride_vt, stride_vd, 0,
+        head_lo, n_head, tail_lo, n_head + n_tail, key_lo, key_hi, rows + diag, window, qk_scale, softcap,
+        HEAD_DIM, BLOCK_D, BLOCK_N, 0, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+    if HAS_SINKS:
+        acc, m_i, l_i = add_sink(acc, m_i, l_i, tl.zeros([BLOCK_M], tl.float32) + tl.load(Sinks + head) * LOG2E)
 
     out, lse = softmax_finish(acc, m_i, l_i)
     o_ptrs = Out + (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh + offs_d[None, :] * stride_od
@@ -199,7 +142,7 @@ def _prune(configs, named_args, **kwargs):
 
 _autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in TUNING_SPACE],
-    key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "seqlen_bucket", "GROUP", "PRECISION"],
+    key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_SINKS", "seqlen_bucket", "GROUP", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune},
 )(_prefill_kernel)
 
@@ -219,16 +162,7 @@ def use_config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> I
         _forced_config.reset(token)
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int) -> int:
-    """Copy cu_seqlens to the host, check its values, return the longest sequence."""
-    host = cu.cpu().long()
-    if int(host[0]) != 0:
-        raise ValueError(f"{name} must start at 0, got {int(host[0])}")
-    lengths = host[1:] - host[:-1]
-    if bool((lengths < 0).any()):
-        raise ValueError(f"{name} must be non-decreasing, got {host.tolist()[:16]}")
-    if int(host[-1]) != total:
-        raise ValueError(f"{name} must end at the token count {total}, got {int(host[-1])}")
+def _longest(lengths: torch.Tensor) -> int:
     return int(lengths.max()) if lengths.numel() else 0
 
 
@@ -243,6 +177,7 @@ def prefill_attention(
     sm_scale: float | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     return_lse: bool = False,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
@@ -259,14 +194,18 @@ def prefill_attention(
         sm_scale: softmax scale, default 1/sqrt(head_dim).
         window: sliding window (requires causal): a query at position p = i + Lk - Lq sees keys p - window < j <= p.
         softcap: logits become softcap * tanh(logits / softcap) after scaling.
-        return_lse: also return the natural-log log-sum-exp, float32 (total_q, num_q_heads).
+        sinks: float32 (num_q_heads,) or None: attention sinks, one logit per query head that joins every row's
+            softmax denominator and carries no value: out = sum_j e^(s_j) v_j / (e^(sinks[h]) + sum_j e^(s_j)).
+        return_lse: also return the natural-log log-sum-exp, float32 (total_q, num_q_heads); with sinks it
+            includes the sink term (so when merging with :func:`kernels.merge_attention_states`, the sink must
+            belong to one side only: pass ``sinks`` to exactly one of the partial attentions).
         max_seqlen_q, max_seqlen_k: the longest query/key lengths. When both are given the launcher makes no
             device-to-host sync (CUDA-graph capturable) and does not check cu_seqlens' values (set
             ``kernels.set_debug(True)`` to check them anyway).
 
     Returns:
         out (total_q, num_q_heads, head_dim) in q's dtype, contiguous; with ``return_lse`` also the LSE. Query rows
-        that see no key (Lq > Lk under causal masking) get out = 0 and lse = -inf.
+        that see no key (Lq > Lk under causal masking) get out = 0 and lse = -inf (lse = sinks[h] with sinks).
 
     Raises:
         TypeError / ValueError before any launch, naming the argument, for malformed input.
@@ -298,6 +237,7 @@ def prefill_attention(
         raise ValueError(f"batch must be at most {MAX_GRID_YZ} sequences per call, got {batch}")
     _validate.positive_float("sm_scale", sm_scale)
     _validate.positive_float("softcap", softcap)
+    _validate.sinks(sinks, num_q_heads, q)
     _validate.window(window)
     if window is not None and not causal:
         raise ValueError("window requires causal=True (a sliding window is a causal mask with a lower edge)")
@@ -306,8 +246,8 @@ def prefill_attention(
             raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
 
     if max_seqlen_q is None or max_seqlen_k is None or _runtime.values_checkable(cu_seqlens_q):
-        longest_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q)
-        longest_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k)
+        longest_q = _longest(_validate.cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, total_q))
+        longest_k = _longest(_validate.cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, total_k))
         for name, given, actual in (
             ("max_seqlen_q", max_seqlen_q, longest_q),
             ("max_seqlen_k", max_seqlen_k, longest_k),
@@ -340,6 +280,7 @@ def prefill_attention(
             lse,
             cu_seqlens_q,
             cu_seqlens_k,
+            lse if sinks is None else sinks,
             *q.stride(),
             *k.stride(),
             *v.stride(),
@@ -355,6 +296,7 @@ def prefill_attention(
             CAUSAL=bool(causal),
             HAS_WINDOW=window is not None,
             HAS_SOFTCAP=softcap is not None,
+            HAS_SINKS=sinks is not None,
             STORE_LSE=return_lse,
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             **config,

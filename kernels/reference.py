@@ -19,12 +19,14 @@ def attention_ref(
     sm_scale: float | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of one sequence in float64.
 
     q: (Lq, Hq, D); k, v: (Lk, Hkv, D) with Hq a multiple of Hkv (query head h uses KV head h // (Hq // Hkv)).
     Causal masking is aligned bottom-right: query i sits at absolute position p = i + Lk - Lq and sees key j iff
-    j <= p, and with ``window`` also p - window < j. A query that sees no key gets out = 0 and lse = -inf.
+    j <= p, and with ``window`` also p - window < j. ``sinks`` (Hq,): one extra logit per head in every row's
+    softmax, with a zero value vector. A query that sees no key gets out = 0 and lse = -inf (or sinks[h]).
     Returns (out (Lq, Hq, D) float64, lse (Lq, Hq) float64, natural log).
     """
     lq, hq, d = q.shape
@@ -45,10 +47,18 @@ def attention_ref(
     if window is not None:
         visible &= key > pos - window
     s = s.masked_fill(~visible, float("-inf"))
+    if sinks is not None:  # the sink is one more key, visible to every query, whose value is zero
+        s = torch.cat([s, sinks.double().cpu()[:, None, None].expand(hq, lq, 1)], dim=-1)
+        vd = torch.cat([vd, torch.zeros(hq, 1, d, dtype=torch.float64)], dim=1)
+        visible = torch.cat([visible, torch.ones(lq, 1, dtype=torch.bool)], dim=-1)
     lse = torch.logsumexp(s, dim=-1)  # (Hq, Lq); -inf where nothing is visible
     p = torch.exp(s - lse[..., None].clamp_min(torch.finfo(torch.float64).min))
     p = torch.nan_to_num(p, nan=0.0)
-    out = torch.matmul(p, vd)
+    if torch.isfinite(vd).all():
+        out = torch.matmul(p, vd)
+    else:  # a key a query cannot see must not reach it, even when its value is Inf/NaN (0 * Inf = NaN)
+        terms = p[..., None] * vd[:, None, :, :]  # (Hq, Lq, Lk, D): small inputs only
+        out = terms.masked_fill(~visible[None, :, :, None], 0.0).sum(dim=2)
     return out.permute(1, 0, 2).contiguous(), lse.transpose(0, 1).contiguous()
 
 
@@ -63,6 +73,7 @@ def prefill_attention_ref(
     sm_scale: float | None = None,
     window: int | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 reference of :func:`kernels.prefill_attention` on packed varlen inputs.
 
@@ -84,6 +95,7 @@ def prefill_attention_ref(
             sm_scale=sm_scale,
             window=window,
             softcap=softcap,
+            sinks=sinks,
         )
         out[qs:qe], lse[qs:qe] = o, l
     return out, lse
@@ -114,20 +126,62 @@ def paged_decode_attention_ref(
     window: int | None = None,
     k_scale: float | torch.Tensor | None = None,
     v_scale: float | torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 reference of :func:`kernels.paged_decode_attention`: gathers each sequence's pages into dense
-    (dequantized) K/V and attends with :func:`attention_ref` (one query at position seq_len - 1).
+    (dequantized) K/V and attends with :func:`attention_ref` (one query at position seq_len - 1). A sequence of
+    length 0 gets out = 0 and lse = -inf (sinks[h] with sinks).
 
     Returns (out (batch, Hq, D) float64, lse (batch, Hq) float64).
     """
-    batch, hq, d = q.shape
-    out = torch.zeros(batch, hq, d, dtype=torch.float64)
-    lse = torch.zeros(batch, hq, dtype=torch.float64)
+    cu = torch.arange(q.shape[0] + 1, dtype=torch.int32)
+    return paged_prefill_attention_ref(
+        q, k_cache, v_cache, block_table, cu, seq_lens, causal=True, sm_scale=sm_scale, softcap=softcap,
+        window=window, k_scale=k_scale, v_scale=v_scale, sinks=sinks,
+    )  # fmt: skip
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 reference of :func:`kernels.paged_prefill_attention`: sequence b's Lq_b queries
+    ``q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]`` attend to its ``seq_lens[b]`` cached tokens, gathered from the pages
+    and dequantized, with :func:`attention_ref` (bottom-right aligned: query i sits at seq_lens[b] - Lq_b + i).
+    A query of a sequence of length 0 (decode padding) sees no key: out = 0, lse = -inf (sinks[h] with sinks).
+
+    Returns (out (total_q, Hq, D) float64, lse (total_q, Hq) float64).
+    """
+    total_q, hq, d = q.shape
+    out = torch.zeros(total_q, hq, d, dtype=torch.float64)
+    lse = torch.full((total_q, hq), float("-inf"), dtype=torch.float64)
+    cu = cu_seqlens_q.tolist()
     for b, length in enumerate(seq_lens.tolist()):
+        qs, qe = cu[b], cu[b + 1]
+        if qe == qs:
+            continue
+        if length == 0:  # a query with no key at all (decode padding rows): out 0, lse the sink or -inf
+            if sinks is not None:
+                lse[qs:qe] = sinks.double().cpu()[None, :]
+            continue
         k = gather_pages(k_cache, block_table[b], length, k_scale)
         v = gather_pages(v_cache, block_table[b], length, v_scale)
-        o, l = attention_ref(q[b : b + 1].cpu(), k, v, causal=True, sm_scale=sm_scale, window=window, softcap=softcap)
-        out[b], lse[b] = o[0], l[0]
+        o, l = attention_ref(
+            q[qs:qe].cpu(), k, v, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap, sinks=sinks
+        )
+        out[qs:qe], lse[qs:qe] = o, l
     return out, lse
 
 

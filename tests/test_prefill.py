@@ -75,6 +75,20 @@ def test_sliding_window(gen, dtype, window):
     run_case(gen, [150, 1, 64], [150, 1, 64], 2, 1, 64, dtype, causal=True, window=window)
 
 
+@pytest.mark.parametrize("head_dim", [d for d in prefill.HEAD_DIMS if d not in (32, 64, 96, 128, 192, 256)])
+def test_every_multiple_of_16_head_dim(gen, head_dim):
+    run_case(gen, [37, 70], [37, 70], 2, 1, head_dim, torch.float32, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 20])
+def test_sinks(gen, dtype, window):
+    sinks = randn(4, dtype=torch.float32, generator=gen) * 3
+    # Includes rows that see no key (Lq > Lk): out 0, lse = the sink.
+    out, lse = run_case(gen, [70, 30, 9], [70, 130, 4], 4, 2, 64, dtype, window=window, sinks=sinks)
+    assert torch.all(out[100:105].float() == 0) and torch.equal(lse[100:105], sinks.expand(5, 4))
+
+
 def test_sliding_window_with_fewer_queries_than_keys(gen):
     run_case(gen, [40, 3], [230, 100], 2, 1, 64, torch.float32, causal=True, window=70)
 
@@ -200,7 +214,7 @@ def _valid(dtype=torch.float32):
         (lambda a: (*a[:3], cu_seqlens([4, 5]), a[4]), ValueError, "must end at the token count 10"),
         (lambda a: (*a[:3], cu_seqlens([4, 6]) + 1, a[4]), ValueError, "must start at 0"),
         (
-            lambda a: (a[0][..., :48], a[1][..., :48], a[2][..., :48], *a[3:]),
+            lambda a: (a[0][..., :40], a[1][..., :40], a[2][..., :40], *a[3:]),
             ValueError,
             "supported head dims",
         ),

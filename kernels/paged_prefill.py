@@ -1,0 +1,351 @@
+"""Paged prefill attention: new query tokens of each sequence against its paged KV cache, which already holds a
+prefix. One kernel for chunked prefill, prefix reuse, continuing an imported KV, and multi-token decode
+(speculative verification).
+
+Sequence b has Lq_b new queries (packed in q by ``cu_seqlens_q``) and ``seq_lens[b]`` cached tokens, the new ones
+last. Query i sits at position ``seq_lens[b] - Lq_b + i`` and, causally, sees keys j <= its position (bottom-right,
+as :func:`kernels.prefill_attention`).
+
+The design, one kernel with one schedule and two launch configurations:
+
+- a program owns one KV head of one sequence and a tile of BLOCK_Q consecutive queries, and packs *all* query
+  heads of the GQA group into its tile: row r is query ``r // GROUP_P``, head ``r % GROUP_P`` of the group
+  (GROUP_P = next power of two of the group size; padding rows are masked). A (BLOCK_Q · GROUP_P, head_dim) query
+  tile meets each K/V tile once per KV head (not once per query head) and the scores are one tensor-core dot.
+  With one query this is exactly decode's layout (:mod:`kernels.decode`); with many it is prefill's query tiling
+  with the group folded in (as FA3's PackGQA and vLLM's unified Triton attention do);
+- launch configurations (:func:`launch_config`): *short* query runs (max Lq_b <= SHORT_QUERIES, speculative
+  verification and multi-token decode) take the smallest tile that holds the whole run (at least 16 rows for the
+  tensor cores) and split the context like decode; *long* runs (chunked prefill) take prefill's 128-row tiles.
+  Both split the key range (flash-decoding) when batch × KV heads × query tiles cannot fill the GPU; split
+  partials are merged by :func:`kernels.merge.merge_splits` through their LSEs;
+- the KV tile (BLOCK_N) is decoupled from the page size: each tile gathers its tokens' pages from the block table
+  (:func:`kernels._paged.token_offsets`), so pages of 1 to 256 tokens all stream in full tiles;
+- only tiles some query of the tile can see are visited: the key range is cut into a masked head (window edge),
+  an unmasked body and a masked tail (diagonal, sequence end) by :func:`kernels._jit.key_tiles`, shared with
+  prefill, and folded by :func:`kernels._jit.attend_tiles` (the same online softmax and masking as prefill);
+- fp8 caches: ``k_scale`` folded into the logit scale, ``v_scale`` applied to the output once, as decode does;
+- no host sync when ``max_seqlen_q`` and ``num_splits`` are given (the grid needs only those two numbers).
+
+Layout: q (total_q, num_q_heads, head_dim); caches (num_pages, page_size, num_kv_heads, head_dim), NHD pages as
+:func:`kernels.paged_decode_attention`; block_table int32 (batch, max_pages); cu_seqlens_q int32 (batch + 1,);
+seq_lens int32 (batch,).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import _paged, _runtime, _validate
+from kernels._jit import LOG2E, add_sink, attend_tiles, key_tiles, log2_logit_scale, softmax_finish
+from kernels._paged import load_scale
+from kernels.decode import MAX_SPLITS, choose_num_splits
+from kernels.merge import merge_splits
+
+HEAD_DIMS = _validate.HEAD_DIMS
+SHORT_QUERIES = 16
+"""Query runs up to this long use the short (decode-like) launch configuration."""
+MAX_GRID_YZ = _validate.MAX_GRID_YZ
+
+
+# fmt: off
+@triton.jit
+def _paged_prefill_kernel(
+    Q, KCache, VCache, BlockTable, SeqLens, CuSeqlensQ, Sinks, Out, Lse, PartOut, PartLse, k_scale, v_scale,
+    stride_qt, stride_qh, stride_qd, stride_page, stride_token, stride_head, stride_cd,
+    stride_btb, stride_btp, stride_sl, stride_ot, stride_oh, stride_od,
+    batch, num_q_heads, qk_scale, softcap, window,
+    GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    IS_FP8: tl.constexpr, K_SCALE_IN_MEMORY: tl.constexpr, V_SCALE_IN_MEMORY: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    SPLIT: tl.constexpr, STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    seq = pid % batch
+    q_block = tl.num_programs(0) // batch - 1 - pid // batch  # longest-first: the last query tiles see the most
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    q_start = tl.load(CuSeqlensQ + seq)
+    seqlen_q = tl.load(CuSeqlensQ + seq + 1) - q_start
+    q0 = q_block * BLOCK_Q
+    if q0 >= seqlen_q:
+        return
+    seq_len = tl.load(SeqLens + seq.to(tl.int64) * stride_sl)
+    prefix = seq_len - seqlen_q
+
+    offs_m = tl.arange(0, BLOCK_M)
+    qi = q0 + offs_m // GROUP_P
+    head = kv_head * GROUP + offs_m % GROUP_P
+    row_ok = (qi < seqlen_q) & (offs_m % GROUP_P < GROUP)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    token = (q_start + qi).to(tl.int64)
+    q_ptrs = Q + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if IS_FP8:
+        qk_scale *= load_scale(k_scale, K_SCALE_IN_MEMORY)  # K = k_scale · K_fp8: scale the logits, not K
+
+    last_q = tl.minimum(q0 + BLOCK_Q, seqlen_q) - 1
+    key_lo, key_hi, head_lo, n_head, body_lo, n_body, tail_lo, n_tail = key_tiles(
+        prefix + q0, prefix + last_q, seq_len, window, split, num_splits, BLOCK_N, CAUSAL, HAS_WINDOW)
+    k_base = KCache + kv_head * stride_head
+    v_base = VCache + kv_head * stride_head
+    block_table_row = BlockTable + seq.to(tl.int64) * stride_btb
+    pos = prefix + qi
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc, m_i, l_i = attend_tiles(
+        acc, m_i, l_i, q, k_base, v_base, block_table_row, stride_btp,
+        stride_token, stride_cd, stride_token, stride_cd, stride_page,
+        body_lo, n_body, body_lo, n_body, key_lo, key_hi, pos, window, qk_scale, softcap,
+        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+    acc, m_i, l_i = attend_tiles(
+        acc, m_i, l_i, q, k_base, v_base, block_table_row, stride_btp,
+        stride_token, stride_cd, stride_token, stride_cd, stride_page,
+        head_lo, n_head, tail_lo, n_head + n_tail, key_lo, key_hi, pos, window, qk_scale, softcap,
+        HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+    if HAS_SINKS and not SPLIT:  # split partials get the sink in the merge, once
+        acc, m_i, l_i = add_sink(acc, m_i, l_i, tl.load(Sinks + head, mask=row_ok, other=0.0) * LOG2E)
+
+    out, lse = softmax_finish(acc, m_i, l_i)
+    if IS_FP8:
+        out *= load_scale(v_scale, V_SCALE_IN_MEMORY)
+    mask = row_ok[:, None] & d_ok[None, :]
+    if SPLIT:  # partials: PartOut (total_q, Hq, S, HEAD_DIM), PartLse (total_q, Hq, S), float32
+        part = (token * num_q_heads + head) * num_splits + split
+        tl.store(PartOut + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
+        tl.store(PartLse + part, lse, mask=row_ok)
+    else:
+        o_ptrs = Out + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
+        if STORE_LSE:
+            tl.store(Lse + token * num_q_heads + head, lse, mask=row_ok)
+# fmt: on
+
+
+def launch_config(max_seqlen_q: int, group: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """The tile configuration for a batch whose longest query run is ``max_seqlen_q``: BLOCK_Q queries × GROUP_P
+    heads per tile (BLOCK_M rows), BLOCK_N keys per KV tile, warps and pipeline stages. ``dtype`` is q's.
+    Chosen spill-free on sm_90/sm_80 by ``bench/compile_check.py``."""
+    group_p = triton.next_power_of_2(group)
+    short = max_seqlen_q <= SHORT_QUERIES
+    if short:  # the whole run in one tile (decode's layout when it is one query)
+        block_q = triton.next_power_of_2(max(max_seqlen_q, 1))
+    else:  # prefill's 128-row query tiles (64 when the accumulator is wide or fp32 FMA dots)
+        rows = 128 if head_dim <= 128 and dtype != torch.float32 and not _runtime.INTERPRET else 64
+        block_q = max(1, rows // group_p)
+    block_q = max(block_q, triton.cdiv(16, group_p))  # tensor-core dots need 16 rows
+    block_m = block_q * group_p
+    block_d = triton.next_power_of_2(head_dim)
+    if _runtime.INTERPRET:  # the interpreter's cost is per program and per loop iteration: big tiles
+        block_n, warps, stages = 64, 4, 1
+    elif dtype == torch.float32:  # IEEE fp32 dots are FMA loops: small tiles, or they spill
+        block_n, warps, stages = 16, 4 if block_m <= 32 else 8, 1
+    elif block_m * block_d > 64 * 128:
+        block_n, warps, stages = 64 if block_d <= 128 else 32, 8, 2
+    elif block_m * block_d > 16 * 128:
+        block_n, warps, stages = 32 if block_d > 128 else 64, 4, 3
+    else:
+        block_n, warps, stages = 64, 4, 3
+    return {"BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, "num_stages": stages}
+
+
+def _check_values(
+    layout: _paged.CacheLayout,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    total_q: int,
+    pages: bool,
+) -> tuple[int, int]:
+    """Copy the index tensors to the host (a sync on CUDA) and check their values; returns the longest query run
+    and the longest sequence."""
+    q_lens = _validate.cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, total_q)
+    longest = _paged.check_lengths(layout, block_table, seq_lens, pages)
+    lens = seq_lens.cpu().long()
+    over = q_lens > lens
+    if bool(over.any()):
+        b = int(over.nonzero()[0])
+        raise ValueError(
+            f"sequence {b} has {int(q_lens[b])} new queries (cu_seqlens_q) but seq_lens[{b}] = {int(lens[b])}: "
+            "the cache must already hold every query's own K/V (write them with write_kv_cache first)"
+        )
+    return (int(q_lens.max()) if q_lens.numel() else 0), longest
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    num_splits: int | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of new query tokens over their sequences' paged KV caches (chunked prefill, prefix reuse,
+    multi-token decode).
+
+    Args:
+        q: (total_q, num_q_heads, head_dim), float16 / bfloat16 / float32, any strides: the new tokens of every
+            sequence, packed (sequence b's are ``q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]]``). head_dim a multiple
+            of 16 from 32 to 256.
+        k_cache, v_cache: (num_pages, page_size, num_kv_heads, head_dim) ("NHD" pages, page_size a power of two
+            from 1 to 256), as for :func:`kernels.paged_decode_attention`: they already hold all ``seq_lens[b]``
+            tokens of sequence b, the new ones last (write them first with :func:`kernels.write_kv_cache`).
+            dtype is q's, or float8_e4m3fn with ``k_scale``/``v_scale``. num_q_heads a multiple of num_kv_heads.
+        block_table: int32 (batch, max_pages_per_seq): row b lists sequence b's pages in order; entries past its
+            last page are never read.
+        cu_seqlens_q: int32 (batch + 1,) offsets of each sequence's new queries in q, from 0 to total_q.
+        seq_lens: int32 (batch,): tokens in the cache per sequence, each >= its number of new queries Lq_b.
+            Query i of sequence b sits at position ``seq_lens[b] - Lq_b + i``. Lq_b = 0 (nothing to do for b)
+            and Lq_b = seq_lens[b] (no prefix) both work.
+        causal: with causal masking query i sees keys j <= its position (bottom-right); without, every key.
+        sm_scale: softmax scale, default 1/sqrt(head_dim).
+        softcap: logits become softcap * tanh(logits / softcap) after scaling.
+        window: sliding window (requires causal): a query at position p sees keys p - window < j <= p.
+        sinks: float32 (num_q_heads,) or None: one logit per query head that joins every row's softmax
+            denominator and carries no value: out = sum_j e^(s_j) v_j / (e^(sinks[h]) + sum_j e^(s_j)).
+        k_scale, v_scale: for float8_e4m3fn caches only (required there): per-tensor float32 dequant scales, a
+            Python number or a 1-element float32 tensor on the cache's device (read in-kernel: no sync).
+        max_seqlen_q: the longest Lq_b (the launch grid's size). None reads cu_seqlens_q on the host (a sync).
+        num_splits: split-KV factor in 1..256. None picks it from batch × num_kv_heads × query tiles against the
+            SM count and the longest context, which copies seq_lens to the host (a sync). With both given the
+            launch makes no device-to-host sync (CUDA-graph capturable when autotuning is off or warmed up).
+        return_lse: also return the natural-log log-sum-exp of the scaled logits, float32 (total_q,
+            num_q_heads). With sinks it includes the sink term: when merging with
+            :func:`kernels.merge_attention_states`, pass ``sinks`` to exactly one of the two partial attentions.
+
+    Returns:
+        out (total_q, num_q_heads, head_dim) in q's dtype, contiguous; with ``return_lse`` also the LSE.
+
+    Checks: shapes, dtypes and options always. The values of cu_seqlens_q and seq_lens (Lq_b <= seq_lens[b],
+    within the block table and the cache) are checked on CPU tensors, with ``kernels.set_debug(True)``, or when
+    max_seqlen_q or num_splits is None (which syncs anyway); page ids only on CPU tensors or in debug mode.
+
+    Raises:
+        TypeError / ValueError before any launch, naming the argument, for malformed input.
+    """
+    layout = _paged.cache_layout(k_cache, v_cache)
+    _validate.tensor("q", q, 3, _validate.FLOAT_DTYPES)
+    _validate.tensor("block_table", block_table, 2, (torch.int32,))
+    _validate.tensor("cu_seqlens_q", cu_seqlens_q, 1, (torch.int32,))
+    _validate.tensor("seq_lens", seq_lens, 1, (torch.int32,))
+    _validate.same_device(q=q, k_cache=k_cache, block_table=block_table, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
+    total_q, num_q_heads, head_dim = q.shape
+    if head_dim != layout.head_dim:
+        raise ValueError(
+            f"q has head_dim {head_dim} but the cache has {layout.head_dim} (shape {tuple(k_cache.shape)})"
+        )
+    _validate.head_dim("q", head_dim, HEAD_DIMS)
+    _validate.gqa(num_q_heads, layout.num_kv_heads)
+    if not layout.is_fp8 and q.dtype != layout.dtype:
+        raise TypeError(f"q has dtype {q.dtype} but the cache has {layout.dtype}; they must match (or use fp8 KV)")
+    batch = seq_lens.shape[0]
+    if cu_seqlens_q.shape[0] != batch + 1:
+        raise ValueError(
+            f"cu_seqlens_q must have batch + 1 = {batch + 1} entries (seq_lens has {batch}), "
+            f"got {cu_seqlens_q.shape[0]}"
+        )
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have one row per sequence ({batch}), got shape {tuple(block_table.shape)}")
+    if layout.num_kv_heads > MAX_GRID_YZ:
+        raise ValueError(f"k_cache has {layout.num_kv_heads} KV heads; at most {MAX_GRID_YZ} are supported")
+    _validate.positive_float("sm_scale", sm_scale)
+    _validate.positive_float("softcap", softcap)
+    _validate.sinks(sinks, num_q_heads, q)
+    _validate.window(window)
+    if window is not None and not causal:
+        raise ValueError("window requires causal=True (a sliding window is a causal mask with a lower edge)")
+    if max_seqlen_q is not None and (
+        not isinstance(max_seqlen_q, int) or isinstance(max_seqlen_q, bool) or max_seqlen_q < 0
+    ):
+        raise ValueError(f"max_seqlen_q must be a non-negative int or None, got {max_seqlen_q!r}")
+    if num_splits is not None and (
+        not isinstance(num_splits, int) or isinstance(num_splits, bool) or not 1 <= num_splits <= MAX_SPLITS
+    ):
+        raise ValueError(f"num_splits must be an int in 1..{MAX_SPLITS} or None, got {num_splits!r}")
+    ks, vs, ks_in_memory, vs_in_memory = _paged.scale_args(layout, k_scale, v_scale, k_cache.device)
+
+    if max_seqlen_q is None or num_splits is None or _runtime.values_checkable(seq_lens):
+        pages = _runtime.values_checkable(block_table)
+        longest_q, longest = _check_values(layout, block_table, cu_seqlens_q, seq_lens, total_q, pages)
+        if max_seqlen_q is not None and max_seqlen_q < longest_q:
+            raise ValueError(f"max_seqlen_q={max_seqlen_q} is shorter than the longest query run ({longest_q})")
+        max_seqlen_q = longest_q if max_seqlen_q is None else max_seqlen_q
+    group = num_q_heads // layout.num_kv_heads
+    config = launch_config(max_seqlen_q, group, head_dim, q.dtype)
+    q_tiles = triton.cdiv(max_seqlen_q, config["BLOCK_Q"])
+    if num_splits is None:
+        context = longest if window is None else min(longest, window + max_seqlen_q)
+        num_splits = choose_num_splits(batch * q_tiles, layout.num_kv_heads, context, _runtime.sm_count(q.device))
+
+    out = _runtime.empty((total_q, num_q_heads, head_dim), q.dtype, q.device)
+    lse = _runtime.empty((total_q, num_q_heads) if return_lse else (1,), torch.float32, q.device)
+    if total_q == 0 or batch == 0 or q_tiles == 0:
+        return (out, lse) if return_lse else out
+    split = num_splits > 1
+    if split:
+        part_out = _runtime.empty((total_q, num_q_heads, num_splits, head_dim), torch.float32, q.device)
+        part_lse = _runtime.empty((total_q, num_q_heads, num_splits), torch.float32, q.device)
+    else:  # never touched: the kernel writes out/lse directly
+        part_out, part_lse = out, lse
+    block_d = triton.next_power_of_2(head_dim)
+    _paged_prefill_kernel[(batch * q_tiles, layout.num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        cu_seqlens_q,
+        lse if sinks is None else sinks,
+        out,
+        lse,
+        part_out,
+        part_lse,
+        ks,
+        vs,
+        *q.stride(),
+        *layout.strides,
+        *block_table.stride(),
+        seq_lens.stride(0),
+        *out.stride(),
+        batch,
+        num_q_heads,
+        log2_logit_scale(head_dim, sm_scale),
+        float(softcap or 0.0),
+        int(window or 0),
+        GROUP=group,
+        GROUP_P=triton.next_power_of_2(group),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        PAGE_SIZE=layout.page_size,
+        IS_FP8=layout.is_fp8,
+        K_SCALE_IN_MEMORY=ks_in_memory,
+        V_SCALE_IN_MEMORY=vs_in_memory,
+        CAUSAL=bool(causal),
+        HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_SINKS=sinks is not None,
+        SPLIT=split,
+        STORE_LSE=return_lse,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **config,
+    )
+    if split:
+        merge_splits(part_out, part_lse, out, lse, sinks, return_lse)
+    return (out, lse) if return_lse else out
