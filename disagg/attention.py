@@ -70,3 +70,40 @@ class DecodeBatch:
             v_scale=v_scale,
             num_splits=self.num_splits,
         )
+
+
+@dataclass
+class ChunkBatch:
+    """The next chunk of new tokens of each of ``batch`` sequences whose earlier tokens are already in the pool
+    (chunked prefill): every chunk's K/V are stored first, then its queries attend over all cached tokens with
+    ``kernels.paged_prefill_attention``, so earlier chunks are read back in the pool's KV dtype.
+
+    cu_seqlens_q: int32 (batch + 1,) offsets of each sequence's new tokens; seq_lens: int32 (batch,) cached
+    tokens per sequence including the new ones; block_table: int32 (batch, max_pages); slots: int64 (tokens,);
+    max_seqlen_q: the longest chunk.
+    """
+
+    pool: KVPool
+    block_table: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor
+    slots: torch.Tensor
+    max_seqlen_q: int
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None):
+        """q (tokens, Hq, D), k/v (tokens, Hkv, D) -> (tokens, Hq, D)."""
+        self.pool.write(layer, k, v, self.slots)
+        k_scale, v_scale = self.pool.scales
+        return kernels.paged_prefill_attention(
+            q,
+            self.pool.k[layer],
+            self.pool.v[layer],
+            self.block_table,
+            self.cu_seqlens_q,
+            self.seq_lens,
+            causal=True,
+            window=window,
+            k_scale=k_scale,
+            v_scale=v_scale,
+            max_seqlen_q=self.max_seqlen_q,
+        )

@@ -1,4 +1,4 @@
-"""``python -m disagg run | prefill | decode``: the engine's command line.
+"""``python -m disagg run | prefill | decode | eval``: the engine's command line.
 
 - ``run``: both stages in one process; prints each request's output and a metrics table (``--json``: one JSON
   document ``{"requests": [...], "metrics": {...}}``).
@@ -6,6 +6,7 @@
   into DIR (new or without exports, so decode never mixes two runs).
 - ``decode --import-dir DIR``: the decode stage alone, over every export in DIR (in file-name order); its output
   equals what ``run`` prints for the same requests.
+- ``eval --text-file FILE``: teacher-forced NLL, perplexity and bits per byte of a text (:mod:`disagg.evaluate`).
 
 Request i gets the id "i" and the seed ``--seed + i``. A request that fails (empty or too long prompt, a refused
 export) is reported with its reason and the others go on; the exit status is then 1. Errors are printed without a
@@ -31,6 +32,7 @@ from disagg.cli_help import DefaultsHelpFormatter
 from disagg.decode import DecodeStage
 from disagg.engine import Engine, make_pool
 from disagg.errors import EngineError
+from disagg.evaluate import evaluate
 from disagg.export import read_export_file, write_export
 from disagg.kv_pool import PAGE_SIZES
 from disagg.loader import load_model
@@ -80,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         "prefill", help="the prefill stage: prompts in, KV exports out", formatter_class=defaults
     )
     decode = commands.add_parser("decode", help="the decode stage: KV exports in, tokens out", formatter_class=defaults)
-    for p in (run, prefill, decode):
+    scoring = commands.add_parser(
+        "eval", help="teacher-forced perplexity of a text file through the kernels", formatter_class=defaults
+    )
+    for p in (run, prefill, decode, scoring):
         p.add_argument(
             "--model", default="tiny", help="'tiny' (trained, embedded), 'tiny-random' or a Hugging Face directory"
         )
@@ -124,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--export-dir", type=Path, required=True, help="new or empty directory for the request-NNNNNN.safetensors"
     )
     decode.add_argument("--import-dir", type=Path, required=True, help="directory of exports written by prefill")
+    scoring.add_argument("--text-file", type=Path, required=True, help="UTF-8 text to score")
+    scoring.add_argument(
+        "--max-batch-tokens",
+        type=_positive,
+        default=128,
+        help="tokens per prefill chunk: later chunks of a window read earlier ones' K/V from the paged cache",
+    )
     return parser
 
 
@@ -291,10 +303,48 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return _report(args, model, tokenizer, ordered, metrics)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        text = args.text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EngineError(f"cannot read --text-file {args.text_file}: {e}") from None
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    if tokenizer is None:
+        raise EngineError(f"{args.model} has no tokenizer.json: eval needs one to read text")
+    kv_dtype = KV_DTYPES[args.kv_dtype] or model.dtype
+    result = evaluate(
+        model,
+        tokenizer,
+        text,
+        kv_dtype=kv_dtype,
+        max_batch_tokens=args.max_batch_tokens,
+        page_size=args.page_size,
+        num_pages=args.num_pages,
+    )
+    dtype = str(model.dtype).removeprefix("torch.")
+    info = {"model": str(args.model), "text_file": str(args.text_file), "dtype": dtype, **_mode()}
+    info["kv_dtype"] = str(kv_dtype).removeprefix("torch.")
+    if args.json:
+        print(json.dumps({**result.to_dict(), **info}, indent=2))
+        return 0
+    r = result
+    print(f"model {args.model} ({dtype}, KV {info['kv_dtype']}) on {info['device']}, kernels: {info['kernels']}")
+    print(
+        f"{args.text_file}: {r.bytes:,} bytes, {r.tokens:,} tokens scored in {plural(r.windows, 'window')} of up to "
+        f"{model.config.max_position_embeddings} tokens, prefilled in chunks of {r.chunk_tokens}"
+    )
+    print(
+        f"mean NLL {r.nll_per_token:.4f} nats/token   perplexity {r.perplexity:.4g}   {r.bits_per_byte:.4f} bits/byte"
+        f"   ({r.time_s:.1f} s)"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "prefill": cmd_prefill, "decode": cmd_decode}[args.command](args)
+        commands = {"run": cmd_run, "prefill": cmd_prefill, "decode": cmd_decode, "eval": cmd_eval}
+        return commands[args.command](args)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
