@@ -75,7 +75,8 @@ def test_training_script_runs_a_few_steps_and_writes_a_loadable_checkpoint(tmp_p
     rows = train(settings, tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["train_loss"]) for r in rows) and rows[-1]["held_out_bpb"] > 0
-    assert rows[0]["train_loss"] == pytest.approx(math.log(CONFIG.vocab_size), rel=0.05)  # the init is uniform-ish
+    assert rows[0]["train_loss"] < math.log(CONFIG.vocab_size) + 0.5  # the init spreads logits little
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]  # seeded: the same 3 batches every run
     m, _ = load_model(tmp_path)
     assert m.config == CONFIG
     log = (tmp_path / "training_log.csv").read_text()
