@@ -269,7 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads")
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between held-out evals")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the initialisation and the batches")
+    parser.add_argument(
+        "--write-held-out", type=Path, metavar="FILE", help="write the held-out text to FILE and exit (no training)"
+    )
     args = parser.parse_args(argv)
+    if args.write_held_out is not None:
+        args.write_held_out.write_text(split_topics()[1], encoding="utf-8")
+        return 0
     settings = TrainSettings(
         steps=args.steps,
         batch_size=args.batch_size,
