@@ -71,6 +71,12 @@ def plan(argv: list[str]) -> tuple[str, list[str] | str]:
     if argv[0] != "python" or argv[1] != "-m":
         return "fail", f"unclassified README command: {shlex.join(argv)}"
     module, args = argv[2], argv[3:]
+    if module == "disagg.train_tiny":
+        if "--write-held-out" in args:
+            return "run", args
+        return "skip", "retrains tiny (minutes); tests/test_tiny.py runs the script for a few steps"
+    if module == "disagg" and args[0] == "eval":
+        return "parse", "minutes on the whole held-out text; tests/test_evaluate.py scores a slice of it"
     if module == "disagg":
         if "--model" in args and args[args.index("--model") + 1] not in ("tiny", "tiny-random"):
             return "parse", "needs a Hugging Face checkpoint that is not in the repository"
@@ -95,6 +101,8 @@ def _main(module: str):
         from disagg.sim.__main__ import main
     elif module == "disagg.sim.bench":
         from disagg.sim.bench import main
+    elif module == "disagg.train_tiny":
+        from disagg.train_tiny import main
     elif module == "kernels":
         from kernels.__main__ import main
     else:
