@@ -1,9 +1,9 @@
 """The README's code and commands work as shown.
 
-- Every ```python block runs. Blocks whose tensors are too large for Triton's interpreter in a test get their sizes
-  scaled down by the exact text substitutions in ``SHRINK`` (each must still occur in the README, so an edited block
-  fails here until the substitution is updated); each block's ``print(...)  # expected`` comments are checked
-  against what it printed (after the same substitutions).
+- Every ```python block runs; a comment on a line that calls print() is the line it must print. Blocks whose
+  tensors are too large for Triton's interpreter in a test get their sizes scaled down by the exact text
+  substitutions in ``SHRINK`` (each must still occur in the README, so an edited block fails here until the
+  substitution is updated), applied to the expected output too.
 - Every command in a ```bash block is classified by :func:`plan`: run as shown; run with smaller arguments
   appended (argparse keeps the last value of an option) where the shown ones take minutes in the interpreter; parsed
   by the command's own argument parser only, with the reason (a CUDA device, torchrun, a network install, the test
