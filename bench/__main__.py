@@ -164,6 +164,24 @@ def default_out(env: dict, smoke: bool) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Ctrl-C exits 130 with one line; a results file already started keeps every measurement taken, with status
+    "interrupted"."""
+    progress: dict = {}  # "file", "cases", "done", filled in as the run gets there
+    try:
+        return _main(argv, progress)
+    except KeyboardInterrupt:
+        if "file" not in progress:
+            print("interrupted", file=sys.stderr)
+        else:
+            cases, done = progress.get("cases", 0), progress.get("done", 0)
+            progress["file"].finish("interrupted", cases - done)
+            print(
+                f"interrupted after {done} of {cases} shapes; partial results: {progress['file'].path}", file=sys.stderr
+            )
+        return 130
+
+
+def _main(argv: list[str] | None, progress: dict) -> int:
     args = parse_args(argv)
     # Both decided before kernels is imported: smoke runs always go through the interpreter on CPU.
     if args.smoke:
@@ -195,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     env = results.environment(device, kernels.INTERPRET, args.commit)
     out = args.out or default_out(env, args.smoke)
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
-    file = results.ResultsFile(out, command=command, env=env, smoke=args.smoke)
+    file = progress["file"] = results.ResultsFile(out, command=command, env=env, smoke=args.smoke)
     if args.smoke:
         log(results.SMOKE_NOTICE)
     log(f"device: {env['device_name']}; results: {out}")
@@ -226,11 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     cases = build_cases(args)
+    progress["cases"] = len(cases)
     sweep_peers = args.peers if args.sweep_peers is None else args.sweep_peers
     status, not_run = "complete", 0
     # The bar shows on a terminal; captured output (disable=None: not a TTY) gets an [i/n] prefix per line instead.
     bar = tqdm(cases, desc="shapes", unit="shape", file=sys.stderr, mininterval=2.0, dynamic_ncols=True, disable=None)
     for i, case in enumerate(bar):
+        progress["done"] = i
         ctx.log = lambda line, i=i: log(f"[{i + 1}/{len(cases)}] {line}")
         ctx.peers = args.peers if case.tier == "headline" else sweep_peers
         if args.budget_s is not None and time.monotonic() - start > args.budget_s:

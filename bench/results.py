@@ -7,7 +7,7 @@ every number it took; ``status`` says whether the run completed. Layout::
       "schema": "phaseattn-bench/1",
       "performance_numbers": true,          # false for --smoke runs (CPU interpreter): never plot those
       "notice": "...",                      # says plainly when the numbers are not performance numbers
-      "status": "running" | "complete" | "stopped: ...",
+      "status": "running" | "complete" | "stopped: ..." | "interrupted",
       "command": "python -m bench ...",
       "environment": {device_name, sm_count, memory_bytes, l2_bytes, torch, triton, cuda, cudnn, git_commit, ...},
       "conventions": {...},                 # how FLOPs, bytes and errors are counted (text)

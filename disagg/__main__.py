@@ -1,5 +1,12 @@
-"""``python -m disagg``: see :mod:`disagg.cli`."""
+"""``python -m disagg``: see :mod:`disagg.cli`. Ctrl-C while torch and the kernels load (seconds) exits 130 with
+one line too: the package itself imports nothing heavy, so the import below is where start-up is interrupted."""
 
-from disagg.cli import main
+import sys
+
+try:
+    from disagg.cli import main
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    raise SystemExit(130) from None
 
 raise SystemExit(main())

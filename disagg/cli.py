@@ -48,6 +48,7 @@ DEFAULT_PROMPTS = (
     "Hello",
 )
 KV_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
+MAX_PAGES = 2**31 - 1
 
 
 def _token_ids(text: str) -> list[int]:
@@ -62,6 +63,22 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _pages(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_PAGES:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_PAGES} (block tables hold int32 page ids), got {value}")
+    return value
+
+
+def _text(text: str) -> str:
+    """A prompt from the command line: the OS hands undecodable bytes over as surrogates, which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8 text: {text.encode('utf-8', 'surrogateescape')!r}") from None
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -97,11 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--kv-dtype", default="auto", choices=list(KV_DTYPES), help="KV cache dtype (auto: the model's)")
         p.add_argument("--page-size", type=int, default=16, choices=PAGE_SIZES, help="KV page size of the pool(s)")
-        p.add_argument("--num-pages", type=_positive, default=None, help="pages per pool (default: 16384 tokens)")
+        p.add_argument("--num-pages", type=_pages, default=None, help="pages per pool (default: 16384 tokens)")
         p.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     for p in (run, prefill):
         prompts = p.add_mutually_exclusive_group()
-        prompts.add_argument("--prompt", nargs="+", metavar="TEXT", help="prompts as text (needs a tokenizer)")
+        prompts.add_argument(
+            "--prompt", nargs="+", type=_text, metavar="TEXT", help="prompts as text (needs a tokenizer)"
+        )
         prompts.add_argument("--prompt-ids", nargs="+", type=_token_ids, metavar="IDS", help="prompts as ids: 1,2,3")
         p.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens to generate per request")
         p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
@@ -234,13 +253,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_prefill(args: argparse.Namespace) -> int:
+    if args.export_dir.is_dir() and any(args.export_dir.glob("*.safetensors")):
+        raise EngineError(f"{args.export_dir} already holds *.safetensors files: give an empty or new directory")
+    try:
+        args.export_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EngineError(f"--export-dir {args.export_dir}: cannot create the directory ({e.strerror})") from None
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     requests = _requests(args, tokenizer)
     pool = make_pool(model, page_size=args.page_size, num_pages=args.num_pages, kv_dtype=KV_DTYPES[args.kv_dtype])
     stage = PrefillStage(model, pool, max_batch_tokens=args.max_batch_tokens)
-    if args.export_dir.is_dir() and any(args.export_dir.glob("*.safetensors")):
-        raise EngineError(f"{args.export_dir} already holds *.safetensors files: give an empty or new directory")
-    args.export_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     outputs: dict[str, RequestOutput] = {}
     files: dict[str, dict[str, Any]] = {}
@@ -284,21 +306,24 @@ def cmd_decode(args: argparse.Namespace) -> int:
     pool = make_pool(model, page_size=args.page_size, num_pages=args.num_pages, kv_dtype=KV_DTYPES[args.kv_dtype])
     stage = DecodeStage(model, pool, max_batch_size=args.max_batch_size)
     start = time.perf_counter()
-    order: list[str] = []
-    outputs: dict[str, RequestOutput] = {}
-    for path in files:
+    # One result per file, by position: a request id chosen by a file's author can never overwrite another
+    # file's result (the stage itself refuses a request id it already holds).
+    results: list[RequestOutput | None] = [None] * len(files)
+    file_of: dict[str, int] = {}
+    for i, path in enumerate(files):
         try:
-            order.append(stage.add(read_export_file(path)))
+            file_of[stage.add(read_export_file(path))] = i
         except EngineError as e:
-            order.append(path.name)
-            outputs[path.name] = RequestOutput(path.name, [], error=f"{path.name}: {e}")
+            results[i] = RequestOutput(path.name, [], error=f"{path.name}: {e}")
     with tqdm(unit="tok", disable=None, delay=1.0, leave=False) as bar:
         while stage.has_work:
             before = stage.metrics.decode_tokens
             for out in stage.step():
-                outputs[out.request_id] = out
+                results[file_of[out.request_id]] = out
             bar.update(stage.metrics.decode_tokens - before)
-    ordered = [outputs[i] for i in order]
+    ordered = [r for r in results if r is not None]
+    if len(ordered) != len(files):
+        raise RuntimeError("the decode stage returned no result for an export it accepted")  # a bug, not bad input
     metrics = {**stage.metrics.summary(ordered), "wall_time_s": time.perf_counter() - start}
     return _report(args, model, tokenizer, ordered, metrics)
 
@@ -348,6 +373,16 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(e):
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0][:200]}): try a smaller --num-pages", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure (CPU allocations fail with a plain RuntimeError naming the allocator)."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)

@@ -95,12 +95,42 @@ def _windows(d: dict[str, Any], architecture: str, num_layers: int) -> tuple[int
     return tuple(window if t == "sliding_attention" else None for t in types)
 
 
+def _count(d: dict[str, Any], name: str, default: int | None = None) -> int:
+    """A size field (hidden_size, num_attention_heads, ...): an integer >= 1."""
+    value = d.get(name, default)
+    if value is None:
+        raise KeyError(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelLoadError(f"config.json: {name} must be an integer >= 1, got {value!r:.60}")
+    return value
+
+
+def token_ids(value: Any, where: str) -> tuple[int, ...]:
+    """A token-id field (``eos_token_id``): None, an integer >= 0, or a list of them."""
+    items = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in items):
+        raise ModelLoadError(f"{where} must be a token id (an integer >= 0) or a list of them, got {value!r:.60}")
+    return tuple(items)
+
+
 def config_from_hf(d: dict[str, Any]) -> ModelConfig:
     """Build a :class:`ModelConfig` from the dict of a Hugging Face ``config.json``.
 
     Raises:
-        ModelLoadError: unsupported architecture, activation, rotary type, or missing required fields.
+        ModelLoadError: not a JSON object, unsupported architecture, activation or rotary type, missing required
+            fields, or a field of the wrong type or range (sizes must be integers >= 1, token ids integers >= 0).
     """
+    if not isinstance(d, dict):
+        raise ModelLoadError(f"config.json must hold a JSON object, got a {type(d).__name__}")
+    try:
+        return _config(d)
+    except KeyError as e:
+        raise ModelLoadError(f"config.json lacks the required field {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as e:  # e.g. a rotary factor that is not a number
+        raise ModelLoadError(f"config.json has a value of the wrong type: {e}") from None
+
+
+def _config(d: dict[str, Any]) -> ModelConfig:
     archs = d.get("architectures") or [_MODEL_TYPES.get(d.get("model_type", ""), "")]
     architecture = archs[0]
     if architecture not in ARCHITECTURES:
@@ -108,34 +138,34 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         raise ModelLoadError(f"unsupported architecture {name!r}; supported: {', '.join(ARCHITECTURES)}")
     if d.get("hidden_act", "silu") != "silu":
         raise ModelLoadError(f"hidden_act {d.get('hidden_act')!r} is not supported (only 'silu')")
-    try:
-        hidden = int(d["hidden_size"])
-        heads = int(d["num_attention_heads"])
-        layers = int(d["num_hidden_layers"])
-        max_positions = int(d.get("max_position_embeddings", 4096))
-        eos = d.get("eos_token_id")
-        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
-        qwen2 = architecture == "Qwen2ForCausalLM"
-        return ModelConfig(
-            architecture=architecture,
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(d["intermediate_size"]),
-            num_layers=layers,
-            num_heads=heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=int(d.get("head_dim") or hidden // heads),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope=_rope(d, max_positions),
-            max_position_embeddings=max_positions,
-            windows=_windows(d, architecture, layers),
-            qkv_bias=qwen2 or bool(d.get("attention_bias", False)),
-            o_bias=not qwen2 and bool(d.get("attention_bias", False)),
-            mlp_bias=not qwen2 and bool(d.get("mlp_bias", False)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            torch_dtype=d.get("dtype") or d.get("torch_dtype"),
-        )
-    except KeyError as e:
-        raise ModelLoadError(f"config.json lacks the required field {e.args[0]!r}") from None
+    hidden, heads, layers = _count(d, "hidden_size"), _count(d, "num_attention_heads"), _count(d, "num_hidden_layers")
+    kv_heads = _count(d, "num_key_value_heads", heads) if d.get("num_key_value_heads") is not None else heads
+    if heads % kv_heads:
+        raise ModelLoadError(f"config.json: num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
+                             f"({kv_heads})")  # fmt: skip
+    if d.get("head_dim") is None and hidden % heads:
+        raise ModelLoadError(f"config.json: hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads})")
+    max_positions = _count(d, "max_position_embeddings", 4096)
+    qwen2 = architecture == "Qwen2ForCausalLM"
+    bos = d.get("bos_token_id")
+    return ModelConfig(
+        architecture=architecture,
+        vocab_size=_count(d, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=_count(d, "intermediate_size"),
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=_count(d, "head_dim") if d.get("head_dim") is not None else hidden // heads,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope=_rope(d, max_positions),
+        max_position_embeddings=max_positions,
+        windows=_windows(d, architecture, layers),
+        qkv_bias=qwen2 or bool(d.get("attention_bias", False)),
+        o_bias=not qwen2 and bool(d.get("attention_bias", False)),
+        mlp_bias=not qwen2 and bool(d.get("mlp_bias", False)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        bos_token_id=token_ids(bos, "config.json: bos_token_id")[0] if bos is not None else None,
+        eos_token_ids=token_ids(d.get("eos_token_id"), "config.json: eos_token_id"),
+        torch_dtype=d.get("dtype") or d.get("torch_dtype"),
+    )

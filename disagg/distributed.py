@@ -21,6 +21,7 @@ and its pool's free pages; all ranks exit with the run's status (non-zero if a r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,6 +29,7 @@ import os
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -45,7 +47,7 @@ from disagg.metrics import Metrics
 from disagg.prefill import PrefillStage
 from disagg.ranks import KV_DTYPE_CODES, DecodeRank, Layout, PrefillRank, Rank, assign_requests
 from disagg.request import Request, RequestOutput
-from disagg.transport import Transport
+from disagg.transport import Transport, lost_reason
 
 PROTOCOL_VERSION = 1
 _NOT_CHECKED = {"command", "model", "json", "prompt", "prompt_ids", "dtype", "kv_dtype"}  # covered otherwise
@@ -70,8 +72,10 @@ def run_distributed(args: argparse.Namespace) -> int:
     device, payload_device, backend = _placement(local_rank, int(env["LOCAL_WORLD_SIZE"] or world))
     try:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=args.timeout))
-    except Exception as e:  # the rendezvous failed or timed out
-        raise DistributedError(f"rank {rank} could not join the process group: {e}") from None
+    except Exception as e:  # the rendezvous failed or timed out (e.g. the ranks were given different WORLD_SIZEs)
+        log(f"error: could not join the process group of {world} ranks: {lost_reason(e)}")
+        log("exit 1")
+        return 1
     node: Rank | None = None
     status, normal_end = 1, False
     try:
@@ -182,13 +186,14 @@ def _connect_payload_pairs(layout: Layout, rank: int, device: torch.device) -> N
     decode rank posting its first payload receive before acknowledging would wait for a sender that waits for the
     acknowledgement. So every prefill-decode pair exchanges one value now, in the same order on every rank."""
     one = torch.ones(1, device=device)
-    if layout.role(rank) == "prefill":
-        for d in layout.decode_ranks:
-            dist.send(one, d)
-    else:
-        for p in layout.prefill_ranks:
-            dist.recv(one, p)
-    torch.cuda.synchronize(device)
+    with _start_up_collective():
+        if layout.role(rank) == "prefill":
+            for d in layout.decode_ranks:
+                dist.send(one, d)
+        else:
+            for p in layout.prefill_ranks:
+                dist.recv(one, p)
+        torch.cuda.synchronize(device)
 
 
 def _backend(payload_device: torch.device) -> str:
@@ -238,9 +243,23 @@ def model_difference(ids: list[dict]) -> str:
     )
 
 
+@contextlib.contextmanager
+def _start_up_collective() -> Iterator[None]:
+    """A rank lost between the rendezvous and the end of the start-up check (killed, stopped, still loading after
+    the timeout, or launched with another WORLD_SIZE) makes gloo/NCCL raise inside a collective: say so in words."""
+    try:
+        yield
+    except RuntimeError as e:  # gloo and NCCL raise RuntimeError or its subclass DistBackendError
+        reason = lost_reason(e)
+        if "timed out" in str(e).lower():
+            reason = "no answer within --timeout (a rank stopped, is still starting, or has another WORLD_SIZE)"
+        raise DistributedError(f"a rank was lost during the start-up check: {reason}") from None
+
+
 def _all_gather(t: torch.Tensor) -> list[list[int]]:
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
+    with _start_up_collective():
+        dist.all_gather(out, t)
     return [o.tolist() for o in out]
 
 
@@ -249,7 +268,8 @@ def _all_gather_bytes(data: bytes) -> list[bytes]:
     buf = torch.zeros(max(sizes), dtype=torch.uint8)
     buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     out = [torch.empty_like(buf) for _ in sizes]
-    dist.all_gather(out, buf)
+    with _start_up_collective():
+        dist.all_gather(out, buf)
     return [o[:n].numpy().tobytes() for o, n in zip(out, sizes, strict=True)]
 
 

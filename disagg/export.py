@@ -34,6 +34,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from disagg.errors import EngineError, ExportError
+from disagg.export_schema import MAX_HEADER_BYTES, check_metadata, parse_json, short
 from disagg.kv_pool import KVPool
 from disagg.model import CausalLM
 from disagg.request import SamplingParams
@@ -125,8 +126,10 @@ def _header(data: bytes) -> dict[str, Any]:
     (size,) = struct.unpack("<Q", data[:8])
     if size > len(data) - 8:
         raise ExportError(f"truncated: the header needs {size} bytes, the file has {len(data) - 8} after its length")
+    if size > MAX_HEADER_BYTES:
+        raise ExportError(f"not an export: a header of {size} bytes (exports' are under {MAX_HEADER_BYTES})")
+    header = parse_json(data[8 : 8 + size], "not a safetensors file: the header")
     try:
-        header = json.loads(data[8 : 8 + size])
         ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__"]
         metadata = header.get("__metadata__", {})
         if not isinstance(metadata, dict) or not all(isinstance(e, int) for e in ends):
@@ -144,7 +147,9 @@ def _check_fingerprint(theirs: Any, ours: dict[str, Any]) -> None:
         raise ExportError("the export has no model fingerprint")
     for key, value in ours.items():
         if theirs.get(key) != value:
-            raise ExportError(f"made for another model: {key} is {theirs.get(key)!r} in the export, {value!r} here")
+            raise ExportError(
+                f"made for another model: {key} is {short(theirs.get(key))} in the export, {value!r} here"
+            )
 
 
 def read_export(data: bytes, model: CausalLM, pool: KVPool) -> KVExport:
@@ -156,51 +161,52 @@ def read_export(data: bytes, model: CausalLM, pool: KVPool) -> KVExport:
     raw = _header(data).get(METADATA_KEY)
     if raw is None:
         raise ExportError("not a phaseattn KV export (no export metadata)")
-    try:
-        meta = json.loads(raw)
-    except (ValueError, TypeError):
-        raise ExportError("corrupted: the export metadata is not valid JSON") from None
-    if not isinstance(meta, dict):
-        raise ExportError("corrupted: the export metadata is not a JSON object")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"unknown format version {meta.get('format_version')!r}; this engine reads {FORMAT_VERSION}")
-    _check_fingerprint(meta.get("fingerprint"), fingerprint(model))
+    if not isinstance(raw, str):
+        raise ExportError("corrupted: the export metadata is not a JSON string")
+    meta = parse_json(raw.encode("utf-8", "surrogatepass"), "corrupted: the export metadata")
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise ExportError(f"unknown format version {short(version)}; this engine reads {FORMAT_VERSION}")
+    check_metadata(meta)
+    _check_fingerprint(meta["fingerprint"], fingerprint(model))
     kv_dtype = str(pool.dtype).removeprefix("torch.")
-    if meta.get("kv_dtype") != kv_dtype or meta.get("kv_scale") != pool.kv_scale:
+    if meta["kv_dtype"] != kv_dtype or meta["kv_scale"] != pool.kv_scale:
         raise ExportError(
-            f"KV dtype/scale {meta.get('kv_dtype')}/{meta.get('kv_scale')} in the export, {kv_dtype}/{pool.kv_scale} here"
+            f"KV dtype/scale {short(meta['kv_dtype'])}/{meta['kv_scale']} in the export, {kv_dtype}/{pool.kv_scale} "
+            "here"
         )
     try:
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error types for malformed data
         raise ExportError(f"corrupted: {e}") from None
-    n, layers = meta.get("num_tokens"), pool.num_layers
+    n, layers = meta["num_tokens"], pool.num_layers
     kv_shape = (n, pool.num_kv_heads, pool.head_dim)
     expected = {"token_ids": ((n,), torch.int64), "positions": ((n,), torch.int64)}
     expected |= {f"{kv}.{i}": (kv_shape, pool.dtype) for i in range(layers) for kv in "kv"}
-    if set(tensors) != set(expected) or not isinstance(n, int) or n < 1:
+    if set(tensors) != set(expected):
         raise ExportError(f"malformed: expected tensors {sorted(expected)} for {n} tokens, found {sorted(tensors)}")
     for name, (shape, dtype) in expected.items():
         if tuple(tensors[name].shape) != shape or tensors[name].dtype != dtype:
             raise ExportError(f"malformed: {name} is {tuple(tensors[name].shape)} {tensors[name].dtype}")
-    if meta.get("checksum") != _checksum(meta, tensors, layers):
+    if meta["checksum"] != _checksum(meta, tensors, layers):
         raise ExportError("checksum mismatch: the export was corrupted or modified after it was written")
     if not torch.equal(tensors["positions"], torch.arange(n)):
         raise ExportError("malformed: positions must be 0 .. num_tokens-1")
     token_ids = tensors["token_ids"].tolist()
     vocab = model.config.vocab_size
     try:
-        export = KVExport(
-            request_id=str(meta["request_id"]),
-            token_ids=token_ids,
-            first_token=int(meta["first_token"]),
-            sampling=SamplingParams.from_dict(meta["sampling"]),
-            ttft_s=float(meta["ttft_s"]),
-            k=[tensors[f"k.{i}"] for i in range(layers)],
-            v=[tensors[f"v.{i}"] for i in range(layers)],
-        )
-    except (EngineError, KeyError, TypeError, ValueError) as e:
+        sampling = SamplingParams.from_dict(meta["sampling"])
+    except EngineError as e:
         raise ExportError(f"malformed metadata: {e}") from None
+    export = KVExport(
+        request_id=meta["request_id"],
+        token_ids=token_ids,
+        first_token=meta["first_token"],
+        sampling=sampling,
+        ttft_s=float(meta["ttft_s"]),
+        k=[tensors[f"k.{i}"] for i in range(layers)],
+        v=[tensors[f"v.{i}"] for i in range(layers)],
+    )
     if not all(0 <= t < vocab for t in [*token_ids, export.first_token]):
         raise ExportError(f"malformed: token ids outside the vocabulary of {vocab}")
     return export
@@ -209,8 +215,11 @@ def read_export(data: bytes, model: CausalLM, pool: KVPool) -> KVExport:
 def write_export(path: Path, data: bytes) -> None:
     """Write atomically (temporary file, then rename), so a crash never leaves a partial export behind."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror}") from None
 
 
 def read_export_file(path: Path) -> bytes:

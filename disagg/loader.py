@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import kernels
-from disagg.config import ModelConfig, config_from_hf
+from disagg.config import ModelConfig, config_from_hf, token_ids
 from disagg.errors import ModelLoadError
 from disagg.model import CausalLM
 from disagg.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
@@ -47,11 +47,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig) -> torch
     return DTYPES[dtype]
 
 
+def check_supported(config: ModelConfig) -> None:
+    """Refuse, at load time, what the attention kernels cannot run (else the first step would fail inside a
+    kernel launcher)."""
+    if config.head_dim not in kernels.HEAD_DIMS:
+        raise ModelLoadError(
+            f"head_dim {config.head_dim} is not supported by the attention kernels (supported head dims: "
+            f"{', '.join(map(str, kernels.HEAD_DIMS))})"
+        )
+
+
 def build_model(
     config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device
 ) -> CausalLM:
     """Assemble a :class:`CausalLM` from named tensors (Hugging Face names), checking that they are exactly the
     model's parameters. The tensors must already be on ``device`` in ``dtype``."""
+    check_supported(config)
     with torch.device("meta"):
         model = CausalLM(config, device)
     expected = dict(model.state_dict())
@@ -128,9 +139,14 @@ def _eos_ids(path: Path, config: ModelConfig) -> ModelConfig:
     gen = path / "generation_config.json"
     if not gen.exists():
         return config
-    eos = json.loads(gen.read_text()).get("eos_token_id")
-    extra = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    merged = tuple(dict.fromkeys([*config.eos_token_ids, *(int(e) for e in extra)]))
+    try:
+        settings = json.loads(gen.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{gen} is not valid JSON: {e}") from None
+    if not isinstance(settings, dict):
+        raise ModelLoadError(f"{gen} must hold a JSON object, got a {type(settings).__name__}")
+    extra = token_ids(settings.get("eos_token_id"), f"{gen.name}: eos_token_id")
+    merged = tuple(dict.fromkeys([*config.eos_token_ids, *extra]))
     return dataclasses.replace(config, eos_token_ids=merged)
 
 
@@ -160,9 +176,10 @@ def load_model(
         raise ModelLoadError(f"{path} has no config.json")
     try:
         raw = json.loads((path / "config.json").read_text())
-    except ValueError as e:
+    except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path / 'config.json'} is not valid JSON: {e}") from None
     config = _eos_ids(path, config_from_hf(raw))
+    check_supported(config)  # before reading gigabytes of weights
     dt = resolve_dtype(dtype, config)
     model = build_model(config, _read_tensors(_weight_files(path), dt, device), dt, device)
     if str(name_or_path) == "tiny":

@@ -7,6 +7,7 @@ Public API:
     paged_prefill_attention  new query tokens per sequence over a paged cache holding a prefix (chunked prefill,
                              prefix reuse, multi-token decode)
     merge_attention_states   exact combine of two partial attentions over disjoint key sets, through their LSEs
+    HEAD_DIMS                the head dims the attention kernels support
 
 The attention kernels all take ``sinks=`` (one float32 logit per query head that joins the softmax denominator).
 
@@ -19,6 +20,7 @@ environment without it.
 
 from kernels import _runtime
 from kernels._runtime import INTERPRET, debug_enabled, set_debug
+from kernels._validate import HEAD_DIMS
 
 if _runtime.INTERPRET:
     from kernels import _interpreter_fixes
@@ -32,6 +34,7 @@ from kernels.paged_prefill import paged_prefill_attention
 from kernels.prefill import prefill_attention
 
 __all__ = [
+    "HEAD_DIMS",
     "INTERPRET",
     "debug_enabled",
     "merge_attention_states",

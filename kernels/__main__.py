@@ -8,6 +8,7 @@ or through Triton's interpreter on CPU.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -70,4 +71,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the lines printed so far are the partial results
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -95,19 +95,14 @@ def scale_args(layout: CacheLayout, k_scale: Scale, v_scale: Scale, device: torc
             if scale.device != device:
                 raise ValueError(f"{name} is on {scale.device} but the cache is on {device}")
             if _runtime.values_checkable(scale):
-                _positive_finite(name, float(scale.reshape(()).cpu()))
+                _validate.positive_finite(name, float(scale.reshape(()).cpu()))
             args.append(scale)
         elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
-            _positive_finite(name, float(scale))
+            _validate.positive_finite(name, float(scale))
             args.append(float(scale))
         else:
             raise TypeError(f"{name} must be a float or a 1-element float32 tensor, got {type(scale).__name__}")
     return args[0], args[1], isinstance(args[0], torch.Tensor), isinstance(args[1], torch.Tensor)
-
-
-def _positive_finite(name: str, value: float) -> None:
-    if not (value > 0 and value != float("inf")):
-        raise ValueError(f"{name} must be positive and finite, got {value}")
 
 
 def check_lengths(layout: CacheLayout, block_table: torch.Tensor, seq_lens: torch.Tensor, pages: bool) -> int:
@@ -125,7 +120,7 @@ def check_lengths(layout: CacheLayout, block_table: torch.Tensor, seq_lens: torc
     if longest > width * page_size:
         raise ValueError(
             f"block_table is too narrow: {width} columns hold {width * page_size} tokens at page_size {page_size}, "
-            f"but the longest seq_len is {longest}"
+            f"but seq_lens holds a sequence of {longest}"
         )
     if longest > layout.num_slots:
         raise ValueError(

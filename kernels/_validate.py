@@ -1,7 +1,12 @@
-"""Input validation shared by the launchers: every check raises before any launch and names the argument."""
+"""Input validation shared by the launchers: every check raises before any launch and names the argument.
+
+Every tensor argument is first checked to be a ``torch.Tensor`` (TypeError naming it), before anything reads its
+device, dtype or shape, so a list or None gives a TypeError, never an AttributeError.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -17,20 +22,55 @@ MAX_GRID_YZ = 65535
 FP8_DTYPES = (torch.float8_e4m3fn,)
 
 
-def tensor(name: str, t: object, ndim: int | None = None, dtypes: Iterable[torch.dtype] | None = None) -> None:
+def is_tensor(name: str, t: object) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def tensor(name: str, t: object, ndim: int | None = None, dtypes: Iterable[torch.dtype] | None = None) -> None:
+    """A tensor argument: a torch.Tensor, of one of ``dtypes``, with ``ndim`` dimensions, on the kernels' device."""
+    is_tensor(name, t)
     if dtypes is not None:
         dtypes = tuple(dtypes)
         if t.dtype not in dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
             raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     _runtime.check_device(name, t)
 
 
+def index_tensor(
+    name: str,
+    t: object,
+    ndim: int,
+    dtypes: Iterable[torch.dtype],
+    *,
+    like: torch.Tensor,
+    strided: bool = False,
+) -> None:
+    """An index tensor argument (cu_seqlens, slot_mapping, block_table, seq_lens), checked in this order: a
+    torch.Tensor (TypeError), its dtype (TypeError), its number of dimensions, its device (the kernels' device and
+    ``like``'s, the data tensor it indexes), and its layout.
+
+    Layout: a kernel either reads an index tensor through the strides its launcher passes (``strided=True``: any
+    view is read correctly) or as dense memory (``strided=False``): then a non-contiguous view is refused, because
+    the kernel would read the view's neighbours as indices (wrong results, or reads and writes out of bounds).
+    Index tensors are small; ``.contiguous()`` makes an acceptable copy.
+    """
+    tensor(name, t, ndim, dtypes)
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the tensors it indexes are on {like.device}")
+    if not strided and not t.is_contiguous():
+        raise ValueError(
+            f"{name} must be contiguous (the kernel reads it as dense memory), got strides {t.stride()} for shape "
+            f"{tuple(t.shape)}: pass {name}.contiguous()"
+        )
+
+
 def same_device(**tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        is_tensor(name, t)
     items = list(tensors.items())
     first_name, first = items[0]
     for name, t in items[1:]:
@@ -57,9 +97,23 @@ def gqa(num_q_heads: int, num_kv_heads: int) -> None:
         raise ValueError(f"num_q_heads ({num_q_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
 
 
+def positive_finite(name: str, value: object) -> None:
+    """A positive, finite Python number (not a bool): scales and caps; inf and nan would make every output NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int beyond float range
+        as_float = math.inf
+    if not (as_float > 0 and math.isfinite(as_float)):
+        raise ValueError(f"{name} must be positive and finite, got {value!r:.40}")
+
+
 def positive_float(name: str, value: float | None) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and value > 0 and value == value):
-        raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+    """An optional scale: None (the default) or a positive finite number. softcap=inf is refused, not read as
+    "no cap": None is the one way to say no cap."""
+    if value is not None:
+        positive_finite(name, value)
 
 
 def window(value: int | None) -> None:

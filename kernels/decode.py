@@ -237,10 +237,11 @@ def paged_decode_attention(
             from 1 to 256), same shape, dtype, strides and device, as filled by :func:`kernels.write_kv_cache`.
             dtype is q's dtype, or float8_e4m3fn with ``k_scale``/``v_scale`` (GPUs: compute capability >= 8.9).
             num_q_heads must be a multiple of num_kv_heads (GQA; MQA when num_kv_heads == 1).
-        block_table: int32 (batch, max_pages_per_seq): row b lists sequence b's pages in order (any page ids, in
-            any order); entries past the sequence's last page are never read.
-        seq_lens: int32 (batch,): the number of cached tokens of each sequence (the query included). A length of
-            0 is a padding row (e.g. of a captured CUDA graph): it reads no page and gets out = 0, lse = -inf.
+        block_table: int32 (batch, max_pages_per_seq), any strides: row b lists sequence b's pages in order (any
+            page ids, in any order); entries past the sequence's last page are never read.
+        seq_lens: int32 (batch,), any stride: the number of cached tokens of each sequence (the query included).
+            A length of 0 is a padding row (e.g. of a captured CUDA graph): it reads no page and gets out = 0,
+            lse = -inf.
         sm_scale: softmax scale, default 1/sqrt(head_dim).
         softcap: logits become softcap * tanh(logits / softcap) after scaling.
         window: sliding window: the query at position p = seq_len - 1 sees keys p - window < j <= p.
@@ -270,9 +271,9 @@ def paged_decode_attention(
     """
     layout = _paged.cache_layout(k_cache, v_cache)
     _validate.tensor("q", q, 3, _validate.FLOAT_DTYPES)
-    _validate.tensor("block_table", block_table, 2, (torch.int32,))
-    _validate.tensor("seq_lens", seq_lens, 1, (torch.int32,))
-    _validate.same_device(q=q, k_cache=k_cache, block_table=block_table, seq_lens=seq_lens)
+    _validate.same_device(q=q, k_cache=k_cache)
+    _validate.index_tensor("block_table", block_table, 2, (torch.int32,), like=k_cache, strided=True)
+    _validate.index_tensor("seq_lens", seq_lens, 1, (torch.int32,), like=k_cache, strided=True)
     batch, num_q_heads, head_dim = q.shape
     if head_dim != layout.head_dim:
         raise ValueError(

@@ -92,7 +92,7 @@ def write_kv_cache(
         k_cache, v_cache: (num_pages, page_size, num_kv_heads, head_dim) ("NHD" pages), same shape, dtype,
             strides and device; dtype float16, bfloat16, float32 or float8_e4m3fn (GPUs: compute capability
             >= 8.9); page_size a power of two from 1 to 256. Written in place.
-        slot_mapping: int32 or int64 (num_tokens,): token i goes to page ``slot // page_size`` at offset
+        slot_mapping: int32 or int64 (num_tokens,), contiguous: token i goes to page ``slot // page_size`` at offset
             ``slot % page_size``. A negative slot skips the token (padding). Slots must be < num_pages *
             page_size; two tokens with the same slot leave either one's values.
         k_scale, v_scale: required exactly for float8_e4m3fn caches: per-tensor float32 dequant scales, each a
@@ -110,8 +110,8 @@ def write_kv_cache(
     _validate.tensor("k", k, 3, _validate.FLOAT_DTYPES)
     _validate.tensor("v", v, 3, _validate.FLOAT_DTYPES)
     _validate.same_dtype(k=k, v=v)
-    _validate.tensor("slot_mapping", slot_mapping, 1, (torch.int32, torch.int64))
-    _validate.same_device(k_cache=k_cache, k=k, v=v, slot_mapping=slot_mapping)
+    _validate.same_device(k_cache=k_cache, k=k, v=v)
+    _validate.index_tensor("slot_mapping", slot_mapping, 1, (torch.int32, torch.int64), like=k_cache)
     if v.shape != k.shape:
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     num_tokens, num_kv_heads, head_dim = k.shape

@@ -242,9 +242,9 @@ def paged_prefill_attention(
     """
     layout = _paged.cache_layout(k_cache, v_cache)
     _validate.tensor("q", q, 3, _validate.FLOAT_DTYPES)
-    _validate.tensor("block_table", block_table, 2, (torch.int32,))
-    _validate.tensor("cu_seqlens_q", cu_seqlens_q, 1, (torch.int32,))
-    _validate.tensor("seq_lens", seq_lens, 1, (torch.int32,))
+    _validate.index_tensor("block_table", block_table, 2, (torch.int32,), like=k_cache, strided=True)
+    _validate.index_tensor("cu_seqlens_q", cu_seqlens_q, 1, (torch.int32,), like=q)
+    _validate.index_tensor("seq_lens", seq_lens, 1, (torch.int32,), like=k_cache, strided=True)
     _validate.same_device(q=q, k_cache=k_cache, block_table=block_table, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
     total_q, num_q_heads, head_dim = q.shape
     if head_dim != layout.head_dim:

@@ -188,8 +188,8 @@ def prefill_attention(
         q: (total_q, num_q_heads, head_dim), float16 / bfloat16 / float32.
         k, v: (total_k, num_kv_heads, head_dim), same dtype and device as q; num_q_heads must be a multiple of
             num_kv_heads (GQA; MQA when num_kv_heads == 1). Any strides.
-        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) offsets into the token dimension, starting at 0 and ending
-            at total_q / total_k. Sequences of length 0 are allowed.
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,) contiguous offsets into the token dimension, starting at 0
+            and ending at total_q / total_k. Sequences of length 0 are allowed.
         causal: bottom-right aligned causal mask (query i sees key j iff j <= i + Lk - Lq).
         sm_scale: softmax scale, default 1/sqrt(head_dim).
         window: sliding window (requires causal): a query at position p = i + Lk - Lq sees keys p - window < j <= p.
@@ -214,7 +214,9 @@ def prefill_attention(
     _validate.tensor("k", k, 3, _validate.FLOAT_DTYPES)
     _validate.tensor("v", v, 3, _validate.FLOAT_DTYPES)
     _validate.same_dtype(q=q, k=k, v=v)
-    _validate.same_device(q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    _validate.same_device(q=q, k=k, v=v)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        _validate.index_tensor(name, cu, 1, (torch.int32,), like=q)
     total_q, num_q_heads, head_dim = q.shape
     total_k, num_kv_heads, _ = k.shape
     if k.shape[2] != head_dim or v.shape[2] != head_dim:
@@ -224,7 +226,6 @@ def prefill_attention(
     _validate.head_dim("q", head_dim, HEAD_DIMS)
     _validate.gqa(num_q_heads, num_kv_heads)
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        _validate.tensor(name, cu, 1, (torch.int32,))
         if cu.numel() < 1:
             raise ValueError(f"{name} must have batch + 1 >= 1 entries")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():

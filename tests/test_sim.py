@@ -34,6 +34,7 @@ from disagg.sim import (
     simulate,
 )
 from disagg.sim import __main__ as cli
+from disagg.sim.costs import ROOFLINE
 from disagg.sim.devices import DEFAULT
 from disagg.sim.links import Link
 from disagg.sim.search import Search, Target, requests_for
@@ -59,7 +60,7 @@ def requests(arrival, prompt, output):
 
 
 def test_step_costs_by_hand():
-    c = StepCost(TOY, ROUND)
+    c = StepCost(TOY, ROUND, terms=ROOFLINE)
     # GEMMs: one token is bandwidth-bound (the weights), a thousand are compute-bound.
     assert c.gemm(1) == pytest.approx(max(2 * GEMM_PARAMS / 1e12, (2 * GEMM_PARAMS + ACT_BYTES) / 1e11), rel=1e-12)
     assert c.gemm(1000) == pytest.approx(1000 * 2 * GEMM_PARAMS / 1e12, rel=1e-12)
@@ -87,15 +88,17 @@ def test_step_costs_by_hand():
     assert c.step(0, 0) == 0.0
     # Efficiencies derate: half the decode efficiency doubles the (bandwidth-bound) decode attention time.
     slow = Device("slow", 1e12, 1e11, 1e6, 1.0, WIRE, efficiency=Efficiency(1.0, 1.0, 0.5))
-    assert StepCost(TOY, slow).decode_attention(2, 30) == pytest.approx(2 * c.decode_attention(2, 30), rel=1e-12)
-    # Memory: 90% of 1 MB less the weights (incl. embedding and LM head), in 256-byte tokens.
+    assert StepCost(TOY, slow, terms=ROOFLINE).decode_attention(2, 30) == pytest.approx(
+        2 * c.decode_attention(2, 30), rel=1e-12
+    )
+    # Memory: 90% of what 1 MB leaves after the weights (incl. embedding and LM head), in 256-byte tokens.
     weights = 2 * (2 * (64 * 16 * 12 + 3 * 64 * 128 + 2 * 64) + 2 * 1000 * 64)
-    assert c.kv_capacity_tokens(0.9) == int((0.9e6 - weights) // KV_PER_TOKEN)
+    assert c.kv_capacity_tokens(0.9) == int(0.9 * (1e6 - weights) // KV_PER_TOKEN)
     assert c.kv_bytes_per_token == KV_PER_TOKEN
 
 
 def test_tensor_parallel_step_costs_by_hand():
-    c1, c2 = StepCost(TOY, ROUND), StepCost(TOY, ROUND, tp=2)
+    c1, c2 = StepCost(TOY, ROUND, terms=ROOFLINE), StepCost(TOY, ROUND, tp=2, terms=ROOFLINE)
     # Two GPUs: both roofs double; each step adds 2 ring all-reduces per layer of tokens x hidden x bf16 bytes,
     # each 2·(2−1) rounds of (latency + bytes / (2 · bandwidth)).
     allreduce = 2 * 2 * (2 * (1e-6 + 10 * 64 * 2 / (2 * 1e10)))
@@ -117,7 +120,7 @@ def test_decode_run_is_the_sum_of_its_steps():
     # attention is bandwidth-bound while q/out bytes matter and turns compute-bound as contexts grow (near a context
     # sum of 800). The run stops at the turn, and each side is linear.
     odd = Device("odd", flops=1.98e11, bandwidth=1e11, memory=1e6, price_per_hour=0, interconnect=WIRE)
-    c = StepCost(TOY, odd)
+    c = StepCost(TOY, odd, terms=ROOFLINE)
     steps, first, growth = c.decode_run(4, 4, 10_000)
     assert 150 < steps < 250
     for j in range(steps):
@@ -191,9 +194,10 @@ def test_memory_limits_the_decode_batch():
     prompt, output, page = 100, 28, 16
     pages_each = math.ceil((prompt + output) / page)
     weights = TOY.weight_bytes()
-    tight = Device("tight", 1e12, 1e11, (weights + 2 * pages_each * page * KV_PER_TOKEN + 1) / 0.9, 1.0, WIRE)
-    r = simulate(Colocated(Pool(tight, 1)), requests([0.0] * 4, [prompt] * 4, [output] * 4), TOY, Serving(page_size=16))
-    cost = StepCost(TOY, tight)
+    tight = Device("tight", 1e12, 1e11, weights + (2 * pages_each * page * KV_PER_TOKEN + 1) / 0.9, 1.0, WIRE)
+    plain = Serving(page_size=16, terms=ROOFLINE)
+    r = simulate(Colocated(Pool(tight, 1)), requests([0.0] * 4, [prompt] * 4, [output] * 4), TOY, plain)
+    cost = plain.cost(TOY, tight)
     assert r.instances[0].capacity_pages == 2 * pages_each
     assert r.instances[0].min_free_pages == 0
     first_pair = cost.prefill([prompt, prompt])
@@ -386,7 +390,7 @@ def test_bad_deployments_are_refused():
         with pytest.raises(ValueError):
             bad()
     # A request whose KV can never fit is rejected on arrival and misses its SLOs; the others are served.
-    r = simulate(Colocated(Pool(ROUND, 1)), requests([0.0, 0.1], [10, 100_000], [2, 2]), TOY)
+    r = simulate(Colocated(Pool(ROUND, 1)), requests([0.0, 0.1], [10, 100_000], [2, 2]), TOY, Serving(terms=ROOFLINE))
     assert list(r.rejected) == [False, True] and np.isfinite(r.finish[0])
     assert attainment(r, SLO(10.0, 10.0)) == 0.5
 

@@ -82,7 +82,8 @@ def calibrate(base: Device, measured: Measured) -> Device:
     label = f"measured: {measured.source}"
     dev, prov, eff = base, base.provenance, base.efficiency
     if measured.flops and measured.bandwidth:
-        dev = dataclasses.replace(dev, flops=measured.flops, bandwidth=measured.bandwidth)
+        fp8 = measured.flops * dev.fp8_flops / dev.flops if dev.fp8_flops else None  # the datasheet's fp8:bf16 ratio
+        dev = dataclasses.replace(dev, flops=measured.flops, bandwidth=measured.bandwidth, fp8_flops=fp8)
         prov = dataclasses.replace(prov, ceilings=label)
     if measured.memory:
         dev = dataclasses.replace(dev, memory=measured.memory)

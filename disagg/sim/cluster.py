@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from disagg.roofline import ModelShape
+from disagg.sim.costs import CostModel, StepCost
 from disagg.sim.devices import Device
 from disagg.sim.links import Link
 
@@ -105,13 +107,14 @@ Deployment = Colocated | Disaggregated
 
 @dataclass(frozen=True)
 class Serving:
-    """Knobs every instance shares (their names follow vLLM's).
+    """Knobs every instance shares (their names follow vLLM's), and the cost model its steps are priced with.
 
     ``max_batch``: sequences an instance runs at once (max_num_seqs); ``token_budget``: tokens in one step
     (max_num_batched_tokens; a prompt longer than it still prefills alone in prefill-first steps);
-    ``page_size``: KV is reserved in pages of this many tokens; ``mem_util``: fraction of memory for weights + KV
-    (gpu_memory_utilization); ``dtype_bytes`` of weights/activations, ``kv_bytes`` per KV element;
-    ``step_overhead``: seconds of unhidden host work per step."""
+    ``page_size``: KV is reserved in pages of this many tokens; ``mem_util``: fraction of the memory left after
+    weights and activations that holds the KV pool (TensorRT-LLM's kv_cache_free_gpu_mem_fraction; vLLM's
+    gpu_memory_utilization is a fraction of the whole memory instead); ``dtype_bytes`` of weights and GEMM inputs
+    (1: fp8, see ``CostModel.fp8_gemm``), ``kv_bytes`` per KV element; ``terms``: the ``CostModel``."""
 
     max_batch: int = 256
     token_budget: int = 8192
@@ -119,13 +122,26 @@ class Serving:
     mem_util: float = 0.9
     dtype_bytes: int = 2
     kv_bytes: float = 2
-    step_overhead: float = 0.0
+    terms: CostModel = field(default_factory=CostModel)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "token_budget", "page_size", "dtype_bytes"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name}: must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.dtype_bytes not in (1, 2, 4):
+            raise ValueError(f"dtype_bytes: must be 1 (fp8), 2 (bf16) or 4 (fp32), got {self.dtype_bytes}")
         if not 0 < self.mem_util <= 1:
             raise ValueError(f"mem_util: must be in (0, 1], got {self.mem_util}")
-        if not self.kv_bytes > 0 or not self.step_overhead >= 0:
-            raise ValueError("kv_bytes must be > 0 and step_overhead >= 0")
+        if not self.kv_bytes > 0:
+            raise ValueError(f"kv_bytes: must be > 0, got {self.kv_bytes}")
+        if not isinstance(self.terms, CostModel):
+            raise TypeError(f"terms: expected a CostModel, got {type(self.terms).__name__}")
+
+    def cost(self, model: ModelShape, device: Device, tp: int = 1) -> StepCost:
+        """The step costs of ``model`` on ``tp`` × ``device`` under these knobs."""
+        return StepCost(model, device, tp, dtype_bytes=self.dtype_bytes, kv_bytes=self.kv_bytes, terms=self.terms,
+                        page_size=self.page_size)  # fmt: skip
+
+    def kv_capacity_tokens(self, cost: StepCost) -> int:
+        """Tokens of KV an instance with step costs ``cost`` holds under these knobs."""
+        return cost.kv_capacity_tokens(self.mem_util, self.token_budget, self.max_batch)

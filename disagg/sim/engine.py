@@ -25,7 +25,6 @@ import numpy as np
 
 from disagg.roofline import ModelShape
 from disagg.sim.cluster import Colocated, Deployment, Disaggregated, Pool, Serving
-from disagg.sim.costs import StepCost
 from disagg.sim.instance import CHUNKED, DECODE, FIRST, PREFILL, Instance
 from disagg.sim.metrics import InstanceStats, SimResult
 from disagg.sim.workload import Requests
@@ -56,15 +55,8 @@ class _LeastLoaded:
 def _pool(
     pool: Pool, role: str, first_idx: int, model: ModelShape, serving: Serving, shared: tuple, budget: int | None = None
 ) -> list[Instance]:
-    cost = StepCost(
-        model,
-        pool.device,
-        pool.tp,
-        dtype_bytes=serving.dtype_bytes,
-        kv_bytes=serving.kv_bytes,
-        overhead=serving.step_overhead,
-    )
-    pages = cost.kv_capacity_tokens(serving.mem_util) // serving.page_size
+    cost = serving.cost(model, pool.device, pool.tp)
+    pages = serving.kv_capacity_tokens(cost) // serving.page_size
     if pages == 0:
         raise ValueError(
             f"deployment: {model.name} does not fit {pool.describe()} with mem_util {serving.mem_util} "

@@ -35,7 +35,10 @@ class Link:
         return 2 * (ranks - 1) * (self.latency + nbytes / (ranks * self.bandwidth))
 
 
-NVLINK4 = Link("nvlink4", 450e9, 2e-6)  # H100/H200 SXM: 900 GB/s bidirectional
+# H100/H200 SXM: 900 GB/s bidirectional. Latency: NCCL all-reduces between two H100s over NVLink take 7-30 µs for
+# 2 KB-2 MB messages as Vidur measured them (microsoft/vidur, data/profiling/network/h100_pair_nvlink/all_reduce.csv),
+# about 10 µs for each of a ring's 2·(n−1) rounds.
+NVLINK4 = Link("nvlink4", 450e9, 10e-6)
 NVLINK3 = Link("nvlink3", 300e9, 2e-6)  # A100 SXM: 600 GB/s bidirectional
 XGMI = Link("xgmi", 448e9, 2e-6)  # MI300X Infinity Fabric: 7 peers × 64 GB/s per direction
 PCIE4 = Link("pcie4", 32e9, 5e-6)  # PCIe 4.0 x16

@@ -8,6 +8,8 @@
 - Goodput: requests per second that meet both targets = attainment × the offered rate, the rate estimated from the
   arrivals as (n − 1) / (last − first arrival).
 - Cost per million requests: the deployment's hourly price over the goodput it sustains, scaled to 10⁶ requests.
+- Throughput: completed requests, and their output and prompt tokens, over the makespan (first arrival to last
+  finish) of the whole run, untrimmed: what a throughput benchmark reports.
 
 ``trim``: the fraction of requests, at each end of the arrival order, left out of the judgement. A finite run
 starts empty (the first requests find no queue) and ends draining (the last ones decode in shrinking batches):
@@ -16,6 +18,7 @@ both ends flatter the deployment, and trimming them measures the steady state in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -83,12 +86,39 @@ class SimResult:
 
     @property
     def makespan(self) -> float:
-        return float(np.nanmax(self.finish)) if np.any(np.isfinite(self.finish)) else 0.0
+        """Seconds from the first arrival to the last finish (0 when nothing finished)."""
+        done = np.isfinite(self.finish)
+        return float(self.finish[done].max() - self.arrival.min()) if np.any(done) else 0.0
 
     def utilisation(self, role: str | None = None) -> float:
         """Mean fraction of the run (to the last finish) that instances (of ``role``) spent running steps."""
         busy = [i.busy_time for i in self.instances if role is None or i.role == role]
         return float(np.mean(busy)) / self.makespan if busy and self.makespan > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What a run served over its makespan (first arrival to last finish), counting completed requests only."""
+
+    output_tokens_per_s: float
+    prompt_tokens_per_s: float
+    requests_per_s: float
+    makespan_s: float
+
+
+def throughput(result: SimResult) -> Throughput:
+    """Completed requests, their output and prompt tokens, each over the makespan: what a throughput benchmark
+    reports (trtllm-bench's total output throughput, vLLM's benchmark_throughput). 0 when nothing completed."""
+    done = np.isfinite(result.finish) & ~result.rejected
+    span = result.makespan
+    if span <= 0:
+        return Throughput(0.0, 0.0, 0.0, span)
+    return Throughput(
+        output_tokens_per_s=float(result.output[done].sum()) / span,
+        prompt_tokens_per_s=float(result.prompt[done].sum()) / span,
+        requests_per_s=float(done.sum()) / span,
+        makespan_s=span,
+    )
 
 
 def judged(n: int, trim: float) -> slice:
@@ -150,6 +180,10 @@ class Summary:
     hourly_cost: float
     cost_per_million: float  # per request within SLO: hourly cost over goodput
     kv_bytes_sent: float
+    output_tokens_per_s: float  # over the whole run, completed requests (see ``throughput``)
+    prompt_tokens_per_s: float
+    requests_per_s: float
+    makespan_s: float
     devices: tuple[str, ...]
 
     def table(self) -> str:
@@ -164,6 +198,8 @@ class Summary:
                 f"${self.cost_per_million:.2f} per million requests within SLO",
                 f"  TTFT p50/p90/p99 {ms(self.ttft_p50)} / {ms(self.ttft_p90)} / {ms(self.ttft_p99)}",
                 f"  TPOT p50/p90/p99 {ms(self.tpot_p50)} / {ms(self.tpot_p90)} / {ms(self.tpot_p99)}",
+                f"  throughput {self.output_tokens_per_s:,.0f} output tokens/s, {self.prompt_tokens_per_s:,.0f} prompt "
+                f"tokens/s, {self.requests_per_s:.2f} requests/s over a makespan of {self.makespan_s:.1f} s",
                 f"  KV sent {self.kv_bytes_sent / 1e9:.1f} GB",
                 *(f"  device {d}" for d in self.devices),
             ]
@@ -194,5 +230,6 @@ def summarize(result: SimResult, slo: SLO, trim: float = 0.0) -> Summary:
         hourly_cost=result.hourly_cost,
         cost_per_million=cost_per_million(result.hourly_cost, good),
         kv_bytes_sent=result.kv_bytes_sent,
+        **dataclasses.asdict(throughput(result)),
         devices=result.devices,
     )

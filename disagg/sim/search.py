@@ -68,6 +68,7 @@ class Search:
     max_instances: int = 512  # per pool: beyond it a candidate is given up
     trim: float = 0.1  # judge the steady state: see metrics
     trials: dict[Deployment, Summary] = field(default_factory=dict)
+    on_trial: Callable[[Deployment, Summary, bool], None] | None = None  # called after each new simulation
 
     def __post_init__(self) -> None:
         n = self.n_requests or requests_for(self.workload, self.target)
@@ -77,7 +78,19 @@ class Search:
         if deployment not in self.trials:
             result = simulate(deployment, self.requests, self.model, self.serving)
             self.trials[deployment] = summarize(result, self.target.slo, self.trim)
+            if self.on_trial is not None:
+                self.on_trial(deployment, self.trials[deployment], self.meets(deployment))
         return self.trials[deployment]
+
+    def best_so_far(self, kind: type) -> Plan | None:
+        """The cheapest deployment of class ``kind`` (``Colocated`` or ``Disaggregated``) among those simulated so
+        far that meets the target: what an interrupted search has found."""
+        plans = [
+            Plan(d, s, cost_per_million(d.hourly_cost, self.target.rate))
+            for d, s in list(self.trials.items())
+            if isinstance(d, kind) and s.attainment >= self.target.attainment
+        ]
+        return min(plans, key=_rank, default=None)
 
     def meets(self, deployment: Deployment) -> bool:
         return self.evaluate(deployment).attainment >= self.target.attainment
@@ -86,11 +99,10 @@ class Search:
         return Plan(deployment, self.evaluate(deployment), cost_per_million(deployment.hourly_cost, self.target.rate))
 
     def _cost(self, kind: InstanceType) -> StepCost:
-        s = self.serving
-        return StepCost(self.model, kind[0], kind[1], dtype_bytes=s.dtype_bytes, kv_bytes=s.kv_bytes)
+        return self.serving.cost(self.model, kind[0], kind[1])
 
     def _fits(self, kind: InstanceType) -> bool:
-        return self._cost(kind).kv_capacity_tokens(self.serving.mem_util) >= self.serving.page_size
+        return self.serving.kv_capacity_tokens(self._cost(kind)) >= self.serving.page_size
 
     def lower_bounds(self, kind: InstanceType) -> tuple[int, int]:
         """Instances of ``kind`` that prefilling alone, and decoding alone, need at the least: the target rate times
@@ -109,7 +121,7 @@ class Search:
             1,
             min(
                 s.max_batch,
-                cost.kv_capacity_tokens(s.mem_util) // min(p + o for p, o in zip(prompt, output, strict=True)),
+                s.kv_capacity_tokens(cost) // min(p + o for p, o in zip(prompt, output, strict=True)),
             ),
         )
         per_token = max(
@@ -235,7 +247,6 @@ def instance_types(
     out = []
     for dev in devices:
         for tp in sorted(tps):
-            cost = StepCost(model, dev, tp, dtype_bytes=serving.dtype_bytes, kv_bytes=serving.kv_bytes)
-            if cost.kv_capacity_tokens(serving.mem_util) >= serving.page_size:
+            if serving.kv_capacity_tokens(serving.cost(model, dev, tp)) >= serving.page_size:
                 out.append((dev, tp))
     return out

@@ -22,6 +22,7 @@ from disagg.sim.engine import simulate
 from disagg.sim.links import Link
 from disagg.sim.metrics import SLO, Summary, summarize
 from disagg.sim.search import InstanceType, Plan, Search, Target, requests_for
+from disagg.sim.validate import Validation
 from disagg.sim.workload import LogNormal, Workload
 
 
@@ -156,10 +157,12 @@ def conclusion(
     link_plans: list[Plan | None],
     sensitivity: Scenario | None = None,
     goodputs: dict[Deployment, float] | None = None,
+    validation: Validation | None = None,
 ) -> str:
     """The findings as a few sentences of Markdown, every number taken from the results passed in (``sensitivity``:
     the scenario the ratio and link sweeps ran on, when not ``scenario``; ``goodputs``: ``max_rate`` of some
-    deployments)."""
+    deployments; ``validation``: how far the simulator's throughput is from a published table, stated beside the
+    cost ratio so the reader can weigh one against the other)."""
     c, d = comparison.colocated, comparison.disaggregated
     wl_prompt, wl_output = scenario.workload.mean_lengths()
     lines = [
@@ -194,10 +197,17 @@ def conclusion(
         "dearer": f"disaggregation **does not pay**: it costs {ratio:.2f}× what colocation does",
         "within one instance": f"**neither is clearly cheaper**: {ratio:.2f}×, within one instance of each other",
     }[found]
+    trust = ""
+    if validation is not None:
+        trust = (
+            f" (the cost model behind it predicts a published serving-throughput table to within "
+            f"{validation.median_abs_error:.0%} median and {validation.max_abs_error:.0%} max error: "
+            f"`python -m disagg.sim validate`)"
+        )
     lines.append(
         f"The cheapest colocated deployment is {c.deployment.describe()} at ${c.cost_per_million:.2f} per million "
         f"requests; the cheapest disaggregated one is {d.deployment.describe()} at ${d.cost_per_million:.2f}: "
-        f"{text}."
+        f"{text}{trust}."
     )
     p, q = d.deployment.prefill, d.deployment.decode
     lines.append(
