@@ -86,7 +86,7 @@ def plan(argv: list[str]) -> tuple[str, list[str] | str]:
             return "parse", "run by tests/test_bench.py (smoke_run), the same command with --out in a temporary dir"
         return "parse", "needs a CUDA device"
     if module == "disagg.sim":
-        return "run", [*args, "--requests", "200"]
+        return "run", args if args[0] == "validate" else [*args, "--requests", "200"]
     if module == "disagg.sim.bench":
         return "run", ["--gpus", "10", "--requests", "2000"]  # the shown 1,000 GPUs x 100k requests take ~10 s
     if module in ("kernels", "bench.roofline_plot"):
