@@ -45,29 +45,28 @@ class Metrics:
         ok = [o for o in outputs if o.error is None]
         ttft = [o.ttft_s for o in ok if o.ttft_s is not None]
         tpot = [o.tpot_s for o in ok if o.tpot_s is not None]
-        return MetricsSummary(
-            {
-                "num_requests": len(outputs),
-                "num_failed": len(outputs) - len(ok),
-                "prefill_tokens": self.prefill_tokens,
-                "prefill_time_s": self.prefill_time_s,
-                "prefill_tokens_per_s": _rate(self.prefill_tokens, self.prefill_time_s),
-                "prefill_batches": self.prefill_batches,
-                "decode_tokens": self.decode_tokens,
-                "decode_time_s": self.decode_time_s,
-                "decode_tokens_per_s": _rate(self.decode_tokens, self.decode_time_s),
-                "decode_steps": self.decode_steps,
-                "mean_decode_batch": self.decode_tokens / self.decode_steps if self.decode_steps else 0.0,
-                "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
-                "ttft_max_s": max(ttft) if ttft else None,
-                "tpot_mean_s": statistics.fmean(tpot) if tpot else None,
-                "kv_bytes_exported": self.kv_bytes_exported,
-                "exports": self.exports,
-                "export_time_s": self.export_time_s,
-                "imports": self.imports,
-                "import_time_s": self.import_time_s,
-            }
-        )
+        summary = {
+            "num_requests": len(outputs),
+            "num_failed": len(outputs) - len(ok),
+            "prefill_tokens": self.prefill_tokens,
+            "prefill_time_s": self.prefill_time_s,
+            "prefill_tokens_per_s": _rate(self.prefill_tokens, self.prefill_time_s),
+            "prefill_batches": self.prefill_batches,
+            "decode_tokens": self.decode_tokens,
+            "decode_time_s": self.decode_time_s,
+            "decode_tokens_per_s": _rate(self.decode_tokens, self.decode_time_s),
+            "decode_steps": self.decode_steps,
+            "mean_decode_batch": self.decode_tokens / self.decode_steps if self.decode_steps else 0.0,
+            "ttft_mean_s": statistics.fmean(ttft) if ttft else None,
+            "ttft_max_s": max(ttft) if ttft else None,
+            "tpot_mean_s": statistics.fmean(tpot) if tpot else None,
+            "kv_bytes_exported": self.kv_bytes_exported,
+            "exports": self.exports,
+            "export_time_s": self.export_time_s,
+            "imports": self.imports,
+            "import_time_s": self.import_time_s,
+        }
+        return MetricsSummary(summary)
 
 
 def _rate(tokens: int, seconds: float) -> float:
