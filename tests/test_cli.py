@@ -29,7 +29,7 @@ def handover(tmp_path_factory):
     exports = tmp_path_factory.mktemp("exports")
     run = disagg("run", *ARGS, "--json")
     prefill = disagg("prefill", *ARGS, "--export-dir", str(exports), "--json")
-    decode = disagg("decode", "--import-dir", str(exports), "--page-size", "8", "--json")
+    decode = disagg("decode", "--model", "tiny-random", "--import-dir", str(exports), "--page-size", "8", "--json")
     return run, prefill, decode, exports
 
 
@@ -63,7 +63,7 @@ def test_decode_refuses_a_bad_export_and_exits_nonzero(tmp_path):
     bad = tmp_path / "request-000001.safetensors"
     data = bad.read_bytes()
     bad.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    p = disagg("decode", "--import-dir", str(tmp_path))
+    p = disagg("decode", "--model", "tiny-random", "--import-dir", str(tmp_path))
     assert p.returncode == 1
     assert "Traceback" not in p.stdout + p.stderr
     assert "error: request-000001.safetensors: checksum mismatch" in p.stderr  # per-request errors: stderr
