@@ -65,15 +65,20 @@ def _choices(allowed: tuple[str, ...]):
     return parse
 
 
+_SWEEP_DEFAULTS = "a list left unset takes the sweep's default (smaller ones with --smoke)"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from bench import peers  # light: torch only
+    from disagg.cli_help import DefaultsHelpFormatter
 
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Microbenchmarks of phaseattn's kernels against PyTorch SDPA and FlexAttention, with the "
         "device's ceilings measured in the same run.",
+        formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("what", choices=("prefill", "decode", "extend", "all", "host"))
+    p.add_argument("what", choices=("prefill", "decode", "extend", "all", "host"), help="which kernels to measure")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the interpreter (not performance)")
     p.add_argument("--quick", action="store_true", help="only the headline shapes the README quotes")
     p.add_argument("--out", type=Path, help="results file (default: bench/results/<device>-<date>.json)")
@@ -81,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--peers",
         type=_choices(peers.PEERS),
-        default=peers.PEERS,
+        default=",".join(peers.PEERS),  # argparse runs string defaults through `type`
         help=f"comma list of {','.join(peers.PEERS)}, or 'none'",
     )
     p.add_argument(
@@ -94,17 +99,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="our kernels use their heuristic tile configs (PHASEATTN_AUTOTUNE=0): no autotuning cost",
     )
-    g = p.add_argument_group("prefill sweep")
+    g = p.add_argument_group("prefill sweep", _SWEEP_DEFAULTS)
     g.add_argument("--seqlens", type=_ints, help="e.g. 512,1k,2k,4k,8k,16k")
     g.add_argument("--head-dims", type=_ints, help="e.g. 128,64,256")
     g.add_argument("--causal", choices=("both", "causal", "full"), help="masks to sweep (default: both)")
     g.add_argument("--total-tokens", type=_ints, help="tokens per prefill batch (batch = total / seqlen)")
-    g = p.add_argument_group("decode sweep")
+    g = p.add_argument_group("decode sweep", _SWEEP_DEFAULTS)
     g.add_argument("--batches", type=_ints, help="e.g. 1,4,16,64,256")
     g.add_argument("--contexts", type=_ints, help="e.g. 512,2k,8k,32k,128k")
     g.add_argument("--page-sizes", type=_ints, help="e.g. 16,64")
     g.add_argument("--kv-dtypes", type=_choices(("bf16", "fp8")), help="e.g. bf16,fp8")
-    g = p.add_argument_group("both sweeps")
+    g = p.add_argument_group("both sweeps", _SWEEP_DEFAULTS)
     g.add_argument("--heads", type=_heads, help="q/kv head pairs, e.g. 32/8,32/32")
     g = p.add_argument_group("host (launch-path CPU cost)")
     g.add_argument("--calls", type=_positive_int, default=200, help="calls per timing round")
@@ -118,11 +123,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--engine-layers", type=_positive_int, default=32, help="layers of the engine part's model")
     g.add_argument("--engine-steps", type=_positive_int, default=5, help="timed decode steps per batch size")
     g = p.add_argument_group("timing")
-    g.add_argument("--warmup-ms", type=float, default=25.0)
-    g.add_argument("--rep-ms", type=float, default=100.0)
+    g.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up time per measurement")
+    g.add_argument("--rep-ms", type=float, default=100.0, help="do_bench measuring time per measurement")
     g.add_argument("--memory-fraction", type=float, default=0.85, help="of the free device memory shapes may use")
     g.add_argument("--cache-dir", type=Path, help="Triton/Inductor compile cache to reuse across runs")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--commit", help="the project's git commit, recorded when the tree has no .git (copied checkouts)")
     args = p.parse_args(argv)
     if args.total_tokens is not None and len(args.total_tokens) != 1:

@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import subprocess
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,11 @@ class Ceilings:
 
     def roofline(self) -> roofline.Roofline:
         return roofline.Roofline(flops=self.matmul_flops, bandwidth=self.copy_bandwidth)
+
+
+def clip(text: str, width: int) -> str:
+    """``text`` on one line in at most ``width`` characters, cut at a word boundary with " ..." (never mid-word)."""
+    return textwrap.shorten(text, width, placeholder=" ...")
 
 
 def measurement(
@@ -285,7 +291,7 @@ def format_table(data: dict[str, Any]) -> str:
         for r in rows:
             name = r["contender"]
             if r["status"] != "ok":
-                lines.append(f"{name:<30} {r['status'][:90]}")
+                lines.append(f"{name:<30} {clip(r['status'], 90)}")
                 continue
             ratio = r["time_ms"] / ours["time_ms"] if ours else None
             lines.append(

@@ -5,11 +5,19 @@ Left panel: the roofline of each results file's device (from its measured ceilin
 placed at (intensity, achieved FLOP/s), prefill near the compute roof, decode on the bandwidth slope; plus the
 attainable performance along the analytic intensity curves. Right panel: intensity against sequence length
 (prefill) and batch (decode), with the ridge point. With no GPU results the figure uses the H100 datasheet
-ceilings, labelled as assumed, and says that no measurement is shown: nothing here is ever invented.
+ceilings, labelled as assumed, and says that no measurement is shown: nothing here is ever invented. The left
+panel's y axis is TFLOP/s: the roof and the analytic marks are attainable rates, only the points are measured.
+
+``python -m bench.roofline_plot`` regenerates the committed ``notebooks/roofline.png`` (the notebook itself only
+shows the figure). The PNG carries :func:`source_digest` of what it plots, so a test can tell when the committed
+figure no longer matches the code or the results.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,10 @@ from matplotlib.figure import Figure
 from bench import results as res
 from disagg import roofline as rl
 
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED_PNG = ROOT / "notebooks" / "roofline.png"
+RESULTS_DIR = ROOT / "bench" / "results"
+DIGEST_KEY = "phaseattn-source-digest"
 MODEL = rl.LLAMA3_8B
 SEQLENS = np.unique(np.round(2 ** np.arange(7, 17.01, 0.25)).astype(int))  # 128 .. 128k
 BATCHES = np.unique(np.round(2 ** np.arange(0, 8.01, 0.25)).astype(int))  # 1 .. 256
@@ -191,7 +203,7 @@ def figure(results: list[dict[str, Any]], notes: Iterable[str] = ()) -> Figure:
         xscale="log",
         yscale="log",
         xlabel="arithmetic intensity (FLOP / byte)",
-        ylabel="achieved TFLOP/s",
+        ylabel="TFLOP/s: attainable (roof, analytic marks), measured (points)" if results else "attainable TFLOP/s",
         title="Roofline: prefill is compute-bound, decode sits on the bandwidth slope",
     )
     ax.set_ylim(primary.flops / 1e12 * 2e-4, primary.flops / 1e12 * 2.5)
@@ -216,3 +228,38 @@ def figure(results: list[dict[str, Any]], notes: Iterable[str] = ()) -> Figure:
         "phaseattn roofline - " + " ".join(lines), fontsize=9, color="black" if results else "darkred", wrap=True
     )
     return fig
+
+
+def source_digest(results: list[dict[str, Any]], notes: Iterable[str] = ()) -> str:
+    """sha256 of everything the figure plots: the analytic curves, the roofs, the measured points and the notes."""
+    curves = {name: [c["x"].tolist(), np.round(c["ai"], 9).tolist()] for name, c in analytic_curves().items()}
+    roofs = [[r.flops, r.bandwidth] for r in (res.ceilings_of(d).roofline() for d in results)]
+    if not roofs:
+        roofs = [[rl.H100_SXM_DATASHEET.flops, rl.H100_SXM_DATASHEET.bandwidth]]
+    points = [p for d in results for p in res.roofline_points(d)]
+    doc = {"curves": curves, "roofs": roofs, "points": points, "notes": list(notes)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save(fig: Figure, path: str | Path, digest: str) -> None:
+    """Write the figure as PNG with ``digest`` in its metadata."""
+    fig.savefig(path, dpi=120, metadata={DIGEST_KEY: digest})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.roofline_plot",
+        description="Regenerate the roofline figure from the results files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="directory of results files")
+    parser.add_argument("--out", type=Path, default=COMMITTED_PNG, help="PNG to write")
+    args = parser.parse_args(argv)
+    results, notes = load_results(args.results)
+    save(figure(results, notes), args.out, source_digest(results, notes))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bench import timing
-from bench.results import Ceilings, ResultsFile, measurement, not_measured, shape_label
+from bench.results import Ceilings, ResultsFile, clip, measurement, not_measured, shape_label
 
 AGREE_TOL = 3e-2
 """max_rel_err above which a contender is flagged as disagreeing with ours (bf16 outputs: a few ulps at most)."""
@@ -73,7 +73,7 @@ def _failure(exc: BaseException, caught: list[warnings.WarningMessage]) -> str:
     if refusal:
         # On CUDA the backend explains itself in warnings ("... not used because:", then the reasons).
         why = list(dict.fromkeys(line for w in caught for line in str(w.message).strip().splitlines()[:1]))
-        return f"skipped: refuses this shape ({'; '.join(why)[:400] or text})"
+        return f"skipped: refuses this shape ({clip('; '.join(why), 400) or text})"
     return f"error: {text}"
 
 
@@ -146,7 +146,7 @@ def run_all(
 def _line(e: dict[str, Any], wall_s: float) -> str:
     head = f"{e['phase']:<7} {shape_label(e['phase'], e['shape']):<44} {e['contender']:<24}"
     if e["status"] != "ok":
-        return f"{head} {e['status'][:100]}"
+        return f"{head} {clip(e['status'], 100)}"
     rate = f"{e['tflops']:7.1f} TFLOP/s" if e["phase"] == "prefill" else f"{e['gbps']:7.0f} GB/s"
     err = f" err {e['max_rel_err']:.1e}" if e.get("max_rel_err") is not None else ""
     return f"{head} {e['time_ms'] * 1e3:10.1f} us {rate}{err} ({wall_s:.1f} s)"

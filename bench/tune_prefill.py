@@ -31,8 +31,12 @@ SHAPES = [  # head_dim, causal, seqlen, kv_heads
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")))
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument(
+        "--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="directory for the results ($OUT if set)"
+    )
     args = ap.parse_args()
     if kernels.INTERPRET:
         raise SystemExit("tune_prefill needs a CUDA device")

@@ -1,4 +1,4 @@
-"""``python -m disagg run | prefill | decode``: the engine's command line.
+"""``python -m disagg run | prefill | decode | eval``: the engine's command line.
 
 - ``run``: both stages in one process; prints each request's output and a metrics table (``--json``: one JSON
   document ``{"requests": [...], "metrics": {...}}``).
@@ -8,6 +8,7 @@
   equals what ``run`` prints for the same requests.
 - ``run --mode colocated``: one pool, every step carrying the running decodes and prompt chunks together.
 - ``compare``: the same requests through both modes, measured side by side (:mod:`disagg.compare`).
+- ``eval --text-file FILE``: teacher-forced NLL, perplexity and bits per byte of a text (:mod:`disagg.evaluate`).
 
 Request i gets the id "i" and the seed ``--seed + i``. A request that fails (empty or too long prompt, a refused
 export) is reported with its reason and the others go on; the exit status is then 1. Errors are printed without a
@@ -30,13 +31,16 @@ import torch
 from tqdm import tqdm
 
 import kernels
+from disagg.cli_help import DefaultsHelpFormatter
 from disagg.compare import compare, format_comparison, output_rows, synthetic_requests
 from disagg.decode import DecodeStage
 from disagg.engine import MODES, Engine, make_pool
 from disagg.errors import EngineError
+from disagg.evaluate import evaluate
 from disagg.export import read_export_file, write_export
 from disagg.kv_pool import PAGE_SIZES, KVPool
 from disagg.loader import load_model
+from disagg.metrics import format_metrics, plural
 from disagg.prefill import PrefillStage
 from disagg.request import Request, RequestOutput, SamplingParams
 from disagg.sim.workload import Poisson, length_dist
@@ -90,15 +94,32 @@ def _seconds(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m disagg", description=__doc__.split("\n\n")[0])
+    defaults = DefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="python -m disagg", description=__doc__.split("\n\n")[0], formatter_class=defaults
+    )
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="both stages in one process")
-    prefill = commands.add_parser("prefill", help="the prefill stage: prompts in, KV exports out")
-    decode = commands.add_parser("decode", help="the decode stage: KV exports in, tokens out")
-    comp = commands.add_parser("compare", help="the same requests colocated and disaggregated, side by side")
-    for p in (run, prefill, decode, comp):
-        p.add_argument("--model", default="tiny", help="'tiny' (embedded, the default) or a Hugging Face directory")
-        p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    run = commands.add_parser("run", help="both stages in one process", formatter_class=defaults)
+    prefill = commands.add_parser(
+        "prefill", help="the prefill stage: prompts in, KV exports out", formatter_class=defaults
+    )
+    decode = commands.add_parser("decode", help="the decode stage: KV exports in, tokens out", formatter_class=defaults)
+    comp = commands.add_parser(
+        "compare", help="the same requests colocated and disaggregated, side by side", formatter_class=defaults
+    )
+    scoring = commands.add_parser(
+        "eval", help="teacher-forced perplexity of a text file through the kernels", formatter_class=defaults
+    )
+    for p in (run, prefill, decode, comp, scoring):
+        p.add_argument(
+            "--model", default="tiny", help="'tiny' (trained, embedded), 'tiny-random' or a Hugging Face directory"
+        )
+        p.add_argument(
+            "--dtype",
+            default="auto",
+            choices=["auto", "float32", "float16", "bfloat16"],
+            help="weights and activations (auto: float32 on CPU, the checkpoint's 16-bit dtype on GPU)",
+        )
         p.add_argument("--kv-dtype", default="auto", choices=list(KV_DTYPES), help="KV cache dtype (auto: the model's)")
         p.add_argument("--page-size", type=int, default=16, choices=PAGE_SIZES, help="KV page size of the pool(s)")
         p.add_argument("--num-pages", type=_pages, default=None, help="pages per pool (default: 16384 tokens)")
@@ -117,11 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
         prompts.add_argument(
             "--prompt-ids", nargs="+", action="extend", type=_token_ids, metavar="IDS", help="prompts as ids: 1,2,3"
         )
-        p.add_argument("--max-new-tokens", type=_positive, default=32)
-        p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-        p.add_argument("--top-k", type=int, default=0, help="0: off")
-        p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
-        p.add_argument("--min-p", type=float, default=0.0, help="0: off")
+        p.add_argument("--max-new-tokens", type=_positive, default=32, help="tokens to generate per request")
+        p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+        p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0: off")
+        p.add_argument(
+            "--top-p", type=float, default=1.0, help="nucleus sampling: smallest set of tokens with this mass; 1.0: off"
+        )
+        p.add_argument(
+            "--min-p",
+            type=float,
+            default=0.0,
+            help="drop tokens below this fraction of the likeliest's probability; 0: off",
+        )
         p.add_argument("--seed", type=int, default=0, help="request i samples with seed SEED + i")
         p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
         p.add_argument(
@@ -148,8 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--timeout", type=_seconds, default=60.0, help="distributed: seconds of silence before a peer rank is lost"
     )
-    prefill.add_argument("--export-dir", type=Path, required=True)
-    decode.add_argument("--import-dir", type=Path, required=True)
+    prefill.add_argument(
+        "--export-dir", type=Path, required=True, help="new or empty directory for the request-NNNNNN.safetensors"
+    )
+    decode.add_argument("--import-dir", type=Path, required=True, help="directory of exports written by prefill")
+    scoring.add_argument("--text-file", type=Path, required=True, help="UTF-8 text to score")
+    scoring.add_argument(
+        "--max-batch-tokens",
+        type=_positive,
+        default=128,
+        help="tokens per prefill chunk: later chunks of a window read earlier ones' K/V from the paged cache",
+    )
     return parser
 
 
@@ -190,23 +227,32 @@ def _report(args, model, tokenizer, outputs: list[RequestOutput], metrics: dict[
             f"model {args.model} ({model.config.architecture}, {model.config.num_layers} layers, {metrics['dtype']})"
             f" on {metrics['device']}"
         )
-        if str(args.model) == "tiny":
-            print("(tiny has random weights: its text is noise; --model PATH runs a Hugging Face checkpoint)")
+        if str(args.model) in _NOTES:
+            print(_NOTES[str(args.model)])
         for o in outputs:
             cached = f", {o.cached_tokens} cached" if o.cached_tokens else ""
             print(
-                f"\n[{o.request_id}] prompt {_show(tokenizer, o.prompt_ids)} ({_count(len(o.prompt_ids), 'token')}{cached})"
+                f"\n[{o.request_id}] prompt {_show(tokenizer, o.prompt_ids)} ({plural(len(o.prompt_ids), 'token')}{cached})"
             )
             if o.error is not None:
-                print(f"    error: {o.error}")
+                print("    failed (the error is on stderr)")
                 continue
             print(
-                f"    output {_show(tokenizer, o.output_ids)} ({_count(len(o.output_ids), 'token')}, {o.finish_reason})"
+                f"    output {_show(tokenizer, o.output_ids)} ({plural(len(o.output_ids), 'token')}, {o.finish_reason})"
             )
             for key, value in (extra or {}).get(o.request_id, {}).items():
                 print(f"    {key}: {value}")
         print("\n" + format_metrics(metrics))
+    for o in outputs:
+        if o.error is not None:
+            print(f"error: {o.error}", file=sys.stderr)
     return 1 if any(o.error is not None for o in outputs) else 0
+
+
+_NOTES = {
+    "tiny": "(tiny: 0.84 M parameters trained for minutes on Python's help texts; English-like words, no sense)",
+    "tiny-random": "(tiny-random has random weights: its text is noise)",
+}
 
 
 def _show(tokenizer: Tokenizer | None, ids: list[int]) -> str:
@@ -214,51 +260,10 @@ def _show(tokenizer: Tokenizer | None, ids: list[int]) -> str:
     return f"{tokenizer.decode(ids)!r} [{ids_text}]" if tokenizer is not None else f"[{ids_text}]"
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'s' * (n != 1)}"
-
-
 def _mode() -> dict[str, str]:
     if kernels.INTERPRET:
         return {"device": "cpu", "kernels": "triton interpreter"}
     return {"device": torch.cuda.get_device_name(), "kernels": "compiled"}
-
-
-def format_metrics(m: dict[str, Any]) -> str:
-    """The metrics as a short table (stages that did nothing in this process are left out)."""
-
-    def f(x: float | None, unit: str = " s") -> str:
-        return "-" if x is None else f"{x:.4g}{unit}"
-
-    lines = [f"{'stage':<10}{'tokens':>10}{'time':>12}{'tokens/s':>12}"]
-    for stage in ("prefill", "decode"):
-        tokens, seconds = m[f"{stage}_tokens"], m[f"{stage}_time_s"]
-        if tokens:
-            lines.append(f"{stage:<10}{tokens:>10}{f(seconds):>12}{f(m[f'{stage}_tokens_per_s'], ''):>12}")
-    lines.append(
-        f"requests {m['num_requests']} ({m['num_failed']} failed)   TTFT mean {f(m['ttft_mean_s'])} "
-        f"(max {f(m['ttft_max_s'])})   TPOT mean {f(m['tpot_mean_s'])}"
-    )
-    kv = []
-    if m["exports"]:
-        kv.append(
-            f"KV export: {m['kv_bytes_exported']:,} bytes for {_count(m['exports'], 'request')}, {f(m['export_time_s'])}"
-        )
-    if m["imports"]:
-        kv.append(f"KV import: {_count(m['imports'], 'request')}, {f(m['import_time_s'])}")
-    if m["kv_import_skipped_tokens"]:
-        kv.append(f"{m['kv_import_skipped_tokens']} imported tokens found cached")
-    if m["decode_steps"]:
-        mixed = f" ({m['mixed_steps']} with prefill chunks)" if m["mixed_steps"] else ""
-        kv.append(f"decode: {m['decode_steps']} steps{mixed}, mean batch {f(m['mean_decode_batch'], '')}")
-    lines += ["   ".join(kv)] if kv else []
-    if m["prompt_tokens"]:
-        lines.append(
-            f"prefix cache: {m['cached_tokens']} of {m['prompt_tokens']} prompt tokens reused "
-            f"(hit rate {m['prefix_cache_hit_rate']:.1%})"
-        )
-    lines.append(f"wall {f(m.get('wall_time_s'))}, kernels: {m['kernels']} on {m['device']}")
-    return "\n".join(lines)
 
 
 def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -369,11 +374,22 @@ def cmd_prefill(args: argparse.Namespace) -> int:
     return _report(args, model, tokenizer, ordered, metrics, files)
 
 
-def cmd_decode(args: argparse.Namespace) -> int:
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    files = sorted(args.import_dir.glob("*.safetensors"))
+def _export_files(directory: Path) -> list[Path]:
+    """The exports in ``directory`` in name order; an EngineError says why there are none."""
+    if not directory.exists():
+        raise EngineError(f"--import-dir {directory} does not exist")
+    if not directory.is_dir():
+        raise EngineError(f"--import-dir {directory} is not a directory")
+    files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise EngineError(f"no *.safetensors exports in {args.import_dir}")
+        what = "holds no *.safetensors exports" if any(directory.iterdir()) else "is empty"
+        raise EngineError(f"--import-dir {directory} {what}")
+    return files
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    files = _export_files(args.import_dir)  # before the model loads: a wrong directory fails at once
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
     pool = _pool(args, model)
     stage = DecodeStage(model, pool, max_batch_size=args.max_batch_size)
     start = time.perf_counter()
@@ -399,10 +415,53 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return _report(args, model, tokenizer, ordered, metrics)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        text = args.text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise EngineError(f"cannot read --text-file {args.text_file}: {e}") from None
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    if tokenizer is None:
+        raise EngineError(f"{args.model} has no tokenizer.json: eval needs one to read text")
+    kv_dtype = KV_DTYPES[args.kv_dtype] or model.dtype
+    result = evaluate(
+        model,
+        tokenizer,
+        text,
+        kv_dtype=kv_dtype,
+        max_batch_tokens=args.max_batch_tokens,
+        page_size=args.page_size,
+        num_pages=args.num_pages,
+    )
+    dtype = str(model.dtype).removeprefix("torch.")
+    info = {"model": str(args.model), "text_file": str(args.text_file), "dtype": dtype, **_mode()}
+    info["kv_dtype"] = str(kv_dtype).removeprefix("torch.")
+    if args.json:
+        print(json.dumps({**result.to_dict(), **info}, indent=2))
+        return 0
+    r = result
+    print(f"model {args.model} ({dtype}, KV {info['kv_dtype']}) on {info['device']}, kernels: {info['kernels']}")
+    print(
+        f"{args.text_file}: {r.bytes:,} bytes, {r.tokens:,} tokens scored in {plural(r.windows, 'window')} of up to "
+        f"{model.config.max_position_embeddings} tokens, prefilled in chunks of {r.chunk_tokens}"
+    )
+    print(
+        f"mean NLL {r.nll_per_token:.4f} nats/token   perplexity {r.perplexity:.4g}   {r.bits_per_byte:.4f} bits/byte"
+        f"   ({r.time_s:.1f} s)"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"run": cmd_run, "prefill": cmd_prefill, "decode": cmd_decode, "compare": cmd_compare}
+        commands = {
+            "run": cmd_run,
+            "prefill": cmd_prefill,
+            "decode": cmd_decode,
+            "compare": cmd_compare,
+            "eval": cmd_eval,
+        }
         return commands[args.command](args)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Loading a model: the embedded ``tiny`` or a local Hugging Face directory (no network).
+"""Loading a model: an embedded one (``tiny``, ``tiny-random``: see :mod:`disagg.tiny`) or a local Hugging Face
+directory (no network).
 
 A directory needs ``config.json`` and its weights as safetensors: either ``model.safetensors.index.json`` with the
 shards it names, or one or more ``*.safetensors`` files. Pickled weights (``*.bin``, ``*.pt``) are never read.
@@ -155,21 +156,22 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[CausalLM, Tokenizer | None]:
-    """Load ``"tiny"`` (built in memory, see :mod:`disagg.tiny`) or a Hugging Face checkpoint directory.
+    """Load ``"tiny"`` (trained, shipped with the package), ``"tiny-random"`` (built in memory; see
+    :mod:`disagg.tiny`) or a Hugging Face checkpoint directory.
 
     Returns the model (eval mode, on ``device``, default: the kernels' device) and its tokenizer, or None when
     the directory has no ``tokenizer.json``. Raises :class:`ModelLoadError` with the reason when it cannot.
     """
-    device = torch.device(device) if device is not None else default_device()
-    if str(name_or_path) == "tiny":
-        from disagg import tiny
+    from disagg import tiny
 
+    device = torch.device(device) if device is not None else default_device()
+    if str(name_or_path) == "tiny-random":
         dt = resolve_dtype(dtype, tiny.CONFIG)
         tensors = {k: t.to(device=device, dtype=dt) for k, t in tiny.state_dict().items()}
         return build_model(tiny.CONFIG, tensors, dt, device), ByteTokenizer(tiny.BOS, tiny.EOS)
-    path = Path(name_or_path)
+    path = tiny.TRAINED_DIR if str(name_or_path) == "tiny" else Path(name_or_path)
     if not path.is_dir():
-        raise ModelLoadError(f"model {str(name_or_path)!r} is neither 'tiny' nor a directory")
+        raise ModelLoadError(f"model {str(name_or_path)!r} is neither 'tiny', 'tiny-random' nor a directory")
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{path} has no config.json")
     try:
@@ -180,5 +182,7 @@ def load_model(
     check_supported(config)  # before reading gigabytes of weights
     dt = resolve_dtype(dtype, config)
     model = build_model(config, _read_tensors(_weight_files(path), dt, device), dt, device)
+    if str(name_or_path) == "tiny":
+        return model, ByteTokenizer(tiny.BOS, tiny.EOS)
     tokenizer = HFTokenizer(path / "tokenizer.json") if (path / "tokenizer.json").exists() else None
     return model, tokenizer

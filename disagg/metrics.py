@@ -20,6 +20,13 @@ from typing import Any
 from disagg.request import RequestOutput
 
 
+class MetricsSummary(dict):
+    """The dict :meth:`Metrics.summary` returns; ``str()`` formats it as the command line's table."""
+
+    def __str__(self) -> str:
+        return format_metrics(self)
+
+
 @dataclass
 class Metrics:
     """Totals a run accumulates; both stages of a run may share one instance."""
@@ -55,13 +62,13 @@ class Metrics:
             self.mixed_steps += 1
             self.mixed_time_s += seconds
 
-    def summary(self, outputs: list[RequestOutput]) -> dict[str, Any]:
-        """The run's metrics as a flat JSON-ready dict."""
+    def summary(self, outputs: list[RequestOutput]) -> MetricsSummary:
+        """The run's metrics as a flat JSON-ready dict; ``print()`` shows it as the command line's table."""
         ok = [o for o in outputs if o.error is None]
         ttft = [o.ttft_s for o in ok if o.ttft_s is not None]
         tpot = [o.tpot_s for o in ok if o.tpot_s is not None]
         pure_steps = self.decode_steps - self.mixed_steps
-        return {
+        summary = {
             "num_requests": len(outputs),
             "num_failed": len(outputs) - len(ok),
             "prefill_tokens": self.prefill_tokens,
@@ -89,7 +96,51 @@ class Metrics:
             "imports": self.imports,
             "import_time_s": self.import_time_s,
         }
+        return MetricsSummary(summary)
 
 
 def _rate(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    """A summary (:meth:`Metrics.summary`, maybe with the command line's ``wall_time_s``, ``kernels`` and
+    ``device``) as the command line's short table; stages that did nothing in this process are left out."""
+
+    def f(x: float | None, unit: str = " s") -> str:
+        return "-" if x is None else f"{x:.4g}{unit}"
+
+    lines = [f"{'stage':<10}{'tokens':>10}{'time':>12}{'tokens/s':>12}"]
+    for stage in ("prefill", "decode"):
+        tokens, seconds = m[f"{stage}_tokens"], m[f"{stage}_time_s"]
+        if tokens:
+            lines.append(f"{stage:<10}{tokens:>10}{f(seconds):>12}{f(m[f'{stage}_tokens_per_s'], ''):>12}")
+    lines.append(
+        f"requests {m['num_requests']} ({m['num_failed']} failed)   TTFT mean {f(m['ttft_mean_s'])} "
+        f"(max {f(m['ttft_max_s'])})   TPOT mean {f(m['tpot_mean_s'])}"
+    )
+    kv = []
+    if m["exports"]:
+        kv.append(
+            f"KV export: {m['kv_bytes_exported']:,} bytes for {plural(m['exports'], 'request')}, {f(m['export_time_s'])}"
+        )
+    if m["imports"]:
+        kv.append(f"KV import: {plural(m['imports'], 'request')}, {f(m['import_time_s'])}")
+    if m["kv_import_skipped_tokens"]:
+        kv.append(f"{m['kv_import_skipped_tokens']} imported tokens found cached")
+    if m["decode_steps"]:
+        mixed = f" ({m['mixed_steps']} with prefill chunks)" if m["mixed_steps"] else ""
+        kv.append(f"decode: {m['decode_steps']} steps{mixed}, mean batch {f(m['mean_decode_batch'], '')}")
+    lines += ["   ".join(kv)] if kv else []
+    if m["prompt_tokens"]:
+        lines.append(
+            f"prefix cache: {m['cached_tokens']} of {m['prompt_tokens']} prompt tokens reused "
+            f"(hit rate {m['prefix_cache_hit_rate']:.1%})"
+        )
+    if "kernels" in m:  # the command line adds how the kernels ran, and the wall time
+        lines.append(f"wall {f(m.get('wall_time_s'))}, kernels: {m['kernels']} on {m['device']}")
+    return "\n".join(lines)

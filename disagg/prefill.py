@@ -51,6 +51,13 @@ def check_request(model: CausalLM, pool_capacity: int, request: Request) -> Requ
             f"request {request.request_id}: the prompt has {n} tokens, longer than the model's context of "
             f"{config.max_position_embeddings}"
         )
+    needed = n + request.sampling.max_new_tokens - 1  # positions fed through the model: the last token never is
+    if needed > config.max_position_embeddings:
+        raise RequestError(
+            f"request {request.request_id}: {n} prompt tokens + max_new_tokens {request.sampling.max_new_tokens} "
+            f"need {needed} positions, more than the model's context of {config.max_position_embeddings}: ask "
+            f"for at most {config.max_position_embeddings - n + 1} new tokens"
+        )
     if n > pool_capacity:
         raise RequestError(
             f"request {request.request_id}: the prompt has {n} tokens, more than the KV pool holds ({pool_capacity})"

@@ -1,22 +1,31 @@
-"""``tiny``: the embedded default model, built deterministically in memory with no files.
+"""The embedded models, found by name instead of a path:
 
-A 2-layer Llama (hidden 128, 4 query / 2 KV heads of dim 64, SwiGLU 256, vocabulary of the 256 bytes plus BOS and
-EOS) with weights drawn from a fixed-seed generator on the CPU, identical on every machine. Its weights are random:
-it makes the main command run in seconds through Triton's interpreter and exercises every part of the engine
-(GQA, paging, export, continuous batching), but its text is noise (printable ASCII: the LM head rows of all other
-tokens are zero). Point ``--model`` at a checkpoint for language.
+- ``"tiny"``, the default: a byte-level 2-layer Llama (hidden 192, 6 query / 2 KV heads of dim 32, SwiGLU 512,
+  tied embeddings, context 256; ~0.84 M parameters) trained by :mod:`disagg.train_tiny` on the text of Python's
+  documentation topics. It ships as a Hugging Face checkpoint in :data:`TRAINED_DIR` (``transformers`` loads it
+  too) with its training log. It writes English-like text made of real words from Python's documentation; it has
+  no knowledge to speak of.
+- ``"tiny-random"``: :data:`CONFIG` with weights drawn from a fixed-seed generator in memory (:func:`state_dict`),
+  identical on every machine: the fastest model that exercises every part of the engine (GQA, paging, export,
+  continuous batching); its text is noise (printable ASCII: the LM head rows of all other tokens are zero).
+
+Both read UTF-8 bytes (ids 0-255) plus BOS and EOS. Point ``--model`` at a checkpoint directory for language.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from disagg.config import ModelConfig
 
+NAMES = ("tiny", "tiny-random")
+TRAINED_DIR = Path(__file__).parent / "tiny_model"
 BOS, EOS = 256, 257
 SEED = 20240607
 
-CONFIG = ModelConfig(
+CONFIG = ModelConfig(  # tiny-random's; tiny's is TRAINED_DIR/config.json
     architecture="LlamaForCausalLM",
     vocab_size=258,
     hidden_size=128,
@@ -36,9 +45,10 @@ CONFIG = ModelConfig(
 
 
 def state_dict(config: ModelConfig = CONFIG) -> dict[str, torch.Tensor]:
-    """float32 CPU tensors under Hugging Face names. Linear weights ~ N(0, 1/fan_in) keep activations O(1) through
-    the layers, so logits are well spread and greedy decoding is stable across devices. Another Llama ``config``
-    (more layers, other shapes; untied embeddings) gets random weights drawn the same way (tests, benchmarks)."""
+    """``tiny-random``'s weights: float32 CPU tensors under Hugging Face names. Linear weights ~ N(0, 1/fan_in)
+    keep activations O(1) through the layers, so logits are well spread and greedy decoding is stable across
+    devices. Another Llama ``config`` (more layers, other shapes; untied embeddings) gets random weights drawn the
+    same way (tests, benchmarks)."""
     gen = torch.Generator().manual_seed(SEED)
     c = config
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim

@@ -8,6 +8,7 @@ verification), with attention sinks. Runs compiled on a GPU or through Triton's 
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -21,7 +22,12 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double().cpu() - ref).norm() / ref.norm()).item()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(  # no options: --help says what the command does
+        prog="python -m kernels",
+        description=" ".join(__doc__.replace("``", "").split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    ).parse_args(argv)
     device = "cpu" if kernels.INTERPRET else "cuda"
     dtype, hq, hkv, d, page = torch.bfloat16, 8, 2, 128, 16
     gen = torch.Generator().manual_seed(0)

@@ -332,3 +332,14 @@ def test_host_command_writes_its_results(tmp_path):
         assert r["layers"] == 2 and r["kernels_api_calls"] == 4 and r["steps"] >= 1
         assert 0 < r["kernels_api_cpu_ms"] < r["step_cpu_ms"]
     assert "engine decode step" in done.stdout and "paged_decode_attention" in done.stdout
+
+
+def test_status_lines_are_clipped_at_word_boundaries():
+    from bench.results import clip
+
+    reason = "skipped: refuses this shape (Flash attention requires head_dim <= 256, got 512; " + "more words " * 20
+    short = clip(reason, 90)
+    assert len(short) <= 90 and short.endswith(" ...")
+    kept = short.removesuffix(" ...").split()
+    assert kept == reason.split()[: len(kept)]  # whole words only, the last one included
+    assert clip("fits as is", 90) == "fits as is"

@@ -1,6 +1,7 @@
 """``python -m disagg``: ``run`` equals ``prefill`` then ``decode`` as separate processes handing over through
 export files; a bad export makes ``decode`` fail that request clearly (no traceback) and exit non-zero."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from disagg.prefill import PrefillStage
 from disagg.request import Request, SamplingParams
 
 ARGS = ["--prompt-ids", "256,72,101,108,108,111", "256,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18", "256"]
-ARGS += ["--max-new-tokens", "3", "--temperature", "0.8", "--top-k", "50", "--seed", "11"]
+ARGS += ["--model", "tiny-random", "--max-new-tokens", "3", "--temperature", "0.8", "--top-k", "50", "--seed", "11"]
 
 
 def disagg(*args: str) -> subprocess.CompletedProcess:
@@ -29,7 +30,7 @@ def handover(tmp_path_factory):
     exports = tmp_path_factory.mktemp("exports")
     run = disagg("run", *ARGS, "--json")
     prefill = disagg("prefill", *ARGS, "--export-dir", str(exports), "--json")
-    decode = disagg("decode", "--import-dir", str(exports), "--page-size", "8", "--json")
+    decode = disagg("decode", "--model", "tiny-random", "--import-dir", str(exports), "--page-size", "8", "--json")
     return run, prefill, decode, exports
 
 
@@ -54,7 +55,7 @@ def test_run_equals_prefill_then_decode_through_files(handover):
 
 
 def test_decode_refuses_a_bad_export_and_exits_nonzero(tmp_path):
-    model, _ = load_model("tiny")
+    model, _ = load_model("tiny-random")
     stage = PrefillStage(model, make_pool(model, num_pages=4))
     for i, prompt in enumerate([[256, 1, 2], [256, 3], [256, 4, 5, 6]]):
         stage.add(Request(str(i), prompt, SamplingParams(max_new_tokens=3)))
@@ -63,24 +64,34 @@ def test_decode_refuses_a_bad_export_and_exits_nonzero(tmp_path):
     bad = tmp_path / "request-000001.safetensors"
     data = bad.read_bytes()
     bad.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
-    p = disagg("decode", "--import-dir", str(tmp_path))
+    p = disagg("decode", "--model", "tiny-random", "--import-dir", str(tmp_path))
     assert p.returncode == 1
     assert "Traceback" not in p.stdout + p.stderr
-    assert "request-000001.safetensors: checksum mismatch" in p.stdout
+    assert "error: request-000001.safetensors: checksum mismatch" in p.stderr  # per-request errors: stderr
+    assert "checksum" not in p.stdout and "failed (the error is on stderr)" in p.stdout
     assert p.stdout.count("(3 tokens, length)") == 2  # the other two requests went on
     assert "requests 3 (1 failed)" in p.stdout
 
 
 def test_usage_errors_are_reported_without_traceback(tmp_path, capsys):
     assert main(["decode", "--import-dir", str(tmp_path)]) == 1
-    assert "no *.safetensors exports" in capsys.readouterr().err
-    assert main(["run", "--prompt-ids", "", "256,1", "--max-new-tokens", "1", "--json"]) == 1
-    doc = json.loads(capsys.readouterr().out)
+    assert f"--import-dir {tmp_path} is empty" in capsys.readouterr().err
+    assert main(["decode", "--import-dir", str(tmp_path / "missing")]) == 1
+    assert "missing does not exist" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["decode", "--import-dir", str(tmp_path / "file")]) == 1
+    assert "file is not a directory" in capsys.readouterr().err
+    assert main(["decode", "--import-dir", str(tmp_path)]) == 1
+    assert f"--import-dir {tmp_path} holds no *.safetensors exports" in capsys.readouterr().err
+    assert main(["run", "--model", "tiny-random", "--prompt-ids", "", "256,1", "--max-new-tokens", "1", "--json"]) == 1
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
     assert "the prompt is empty" in doc["requests"][0]["error"] and doc["requests"][1]["error"] is None
+    assert captured.err.strip() == "error: request 0: the prompt is empty"
     assert main(["run", "--model", str(tmp_path)]) == 1
     assert "has no config.json" in capsys.readouterr().err
     (tmp_path / "old.safetensors").write_bytes(b"")
-    assert main(["prefill", "--prompt-ids", "256", "--export-dir", str(tmp_path)]) == 1
+    assert main(["prefill", "--model", "tiny-random", "--prompt-ids", "256", "--export-dir", str(tmp_path)]) == 1
     assert "already holds *.safetensors files" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["run", "--page-size", "12"])
@@ -132,3 +143,33 @@ def test_compare_runs_both_modes_on_tiny(capsys):
     text = format_comparison(doc)
     assert "disaggregated [cpu, interpreted]" in text and "same tokens in both modes: yes" in text
     assert "measure the interpreter" in text and "decode step, with prefill chunks" in text
+
+
+def test_every_option_has_a_help_line_and_help_shows_defaults():
+    from disagg.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings} has no help line"
+        text = " ".join(sub.format_help().split())
+        assert "(default: tiny)" in text and "(default: auto)" in text and "(default: 16)" in text, name
+    assert "(default: 32)" in " ".join(commands["run"].format_help().split())  # --max-new-tokens
+
+
+def test_metrics_summary_prints_the_cli_table_and_stays_a_dict():
+    from disagg.metrics import Metrics, format_metrics
+
+    m = Metrics(prefill_tokens=10, prefill_time_s=0.5, decode_tokens=4, decode_time_s=0.25, decode_steps=2)
+    summary = m.summary([])
+    assert isinstance(summary, dict) and summary["decode_tokens_per_s"] == 16.0
+    assert json.loads(json.dumps(summary)) == dict(summary)
+    assert str(summary) == format_metrics(summary)
+    assert str(summary).splitlines()[1].split()[:2] == ["prefill", "10"] and "decode: 2 steps" in str(summary)
+
+
+def test_dir_of_the_package_lists_its_public_names():
+    import disagg
+
+    assert set(disagg.__all__) <= set(dir(disagg)) and "Engine" in disagg.__all__

@@ -35,7 +35,7 @@ from disagg.ranks import Layout, assign_requests
 from disagg.request import Request, SamplingParams
 from disagg.transport import HEADER_LEN, Header, Kind
 
-SAMPLING = ["--max-new-tokens", "4", "--temperature", "0.8", "--top-k", "50", "--seed", "11"]
+SAMPLING = ["--model", "tiny-random", "--max-new-tokens", "4", "--temperature", "0.8", "--top-k", "50", "--seed", "11"]
 BASIC = ["--prompt-ids", "256,72,101,108,108,111", "256,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18", "256"]
 # pools of 3 pages of 8 tokens: the five servable requests need 2+3+1+1+2 = 9 pages over two decode pools of 3;
 # the empty prompt fails at prefill, the 23-token one (23 + 4 - 1 > 24 tokens) is refused by the decode rank
@@ -240,7 +240,7 @@ def test_header_round_trip_and_refusal():
 
 
 def test_a_model_difference_is_named():
-    model = load_model("tiny")[0]
+    model = load_model("tiny-random")[0]
     ids = [{"fingerprint": fingerprint(model), "kv_dtype": "float32", "kv_scale": None} for _ in range(3)]
     assert model_difference([*ids[:1], {**ids[1], "kv_dtype": "float8_e4m3fn", "kv_scale": 1.0}, *ids[2:]]) == (
         "fingerprint mismatch: rank 1 has KV dtype 'float8_e4m3fn', rank 0 has 'float32'; every rank must load the "
@@ -260,7 +260,7 @@ def test_requests_spread_by_prompt_tokens_and_who_talks_to_whom():
 
 
 def test_decode_stage_reserves_pages_before_the_export_arrives():
-    model = load_model("tiny")[0]
+    model = load_model("tiny-random")[0]
     params = SamplingParams(max_new_tokens=3, eos_token_ids=())
     prefill = PrefillStage(model, make_pool(model, num_pages=4))
     prefill.add(Request("a", [256, *range(1, 12)], params))  # 12 tokens: 12 + 3 - 1 = 14 of KV

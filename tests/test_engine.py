@@ -1,4 +1,4 @@
-"""The two-stage engine on the embedded ``tiny`` model, with the real kernels (interpreted on CPU): prefill +
+"""The two-stage engine on the embedded ``tiny-random`` model, with the real kernels (interpreted on CPU): prefill +
 decode through export files equals one-process ``run``, page sizes may differ between stages, pools come back
 fully free after success, failure and abort, a full decode pool makes requests wait, bad requests fail alone."""
 
@@ -27,7 +27,7 @@ def requests(sampling=GREEDY, prompts=PROMPTS):
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model("tiny")[0]
+    return load_model("tiny-random")[0]
 
 
 @pytest.fixture(scope="module")
@@ -129,14 +129,19 @@ def test_bad_requests_fail_alone(model, reference):
     assert engine.prefill.pool.is_fully_free() and engine.decode.pool.is_fully_free()
 
 
-def test_prompt_longer_than_context_and_generation_capped_by_context(model):
+def test_prompt_or_generation_longer_than_context_is_refused_per_request(model):
     short = build_model(
         dataclasses.replace(tiny.CONFIG, max_position_embeddings=20), tiny.state_dict(), torch.float32, model.device
     )
-    outputs = Engine(short).generate([[256] * 21, [256, *range(1, 18)]], SamplingParams(max_new_tokens=10))
+    prompts = [[256] * 21, [256, *range(1, 18)], [256, *range(1, 8)]]
+    outputs = Engine(short).generate(prompts, SamplingParams(max_new_tokens=10, eos_token_ids=()))
     assert "longer than the model's context of 20" in outputs[0].error
-    # 18 prompt tokens: tokens may be fed at positions 18 and 19, so 3 tokens come out
-    assert len(outputs[1].output_ids) == 3 and outputs[1].finish_reason == "length"
+    # 18 prompt tokens + 10 new ones would feed positions up to 26: refused, saying how many fit (3)
+    assert outputs[1].finish_reason == "error" and outputs[1].output_ids == []
+    assert "18 prompt tokens + max_new_tokens 10 need 27 positions" in outputs[1].error
+    assert "at most 3 new tokens" in outputs[1].error
+    # 8 + 10 - 1 = 17 positions fit: the request runs to max_new_tokens
+    assert len(outputs[2].output_ids) == 10 and outputs[2].finish_reason == "length" and outputs[2].error is None
 
 
 def test_stops_at_eos(model, reference):

@@ -25,7 +25,7 @@ SAMPLING = SamplingParams(max_new_tokens=4, temperature=0.8, top_k=20, seed=5)
 
 @pytest.fixture(scope="module")
 def model():
-    return load_model("tiny")[0]
+    return load_model("tiny-random")[0]
 
 
 def prefill(model, page_size, occupy=0):
@@ -133,7 +133,7 @@ def test_exports_for_other_weights_dtype_or_kv_dtype_are_refused(model, exports)
     tensors = tiny.state_dict()
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.5  # a "fine-tune": same shapes
     finetune = build_model(tiny.CONFIG, tensors, torch.float32, model.device)
-    bf16 = load_model("tiny", dtype="bfloat16")[0]
+    bf16 = load_model("tiny-random", dtype="bfloat16")[0]
     cases = [
         (finetune, make_pool(finetune, num_pages=4), "another model: weights"),
         (bf16, make_pool(bf16, num_pages=4), "another model: dtype"),

@@ -171,7 +171,7 @@ def test_loader_errors(checkpoints, tmp_path):
     for i, (edit, message) in enumerate(cases):
         with pytest.raises(ModelLoadError, match=message):
             load_model(broken_copy(path, tmp_path / str(i), edit))
-    with pytest.raises(ModelLoadError, match="neither 'tiny' nor a directory"):
+    with pytest.raises(ModelLoadError, match="neither 'tiny', 'tiny-random' nor a directory"):
         load_model(tmp_path / "nowhere")
 
 
