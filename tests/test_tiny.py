@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from disagg import tiny
-from disagg.attention import PrefillBatch
+from disagg.attention import StepBatch
 from disagg.engine import Engine, make_pool
 from disagg.loader import load_model
 from disagg.request import SamplingParams
@@ -49,8 +49,8 @@ def test_transformers_reads_tiny_to_the_same_logits(model):
         ref = hf(torch.tensor([ids])).logits[0].float()
     pool = make_pool(m, page_size=16, num_pages=8)
     pool.allocate("r", len(ids))
-    batch = PrefillBatch(pool, torch.tensor([0, len(ids)], dtype=torch.int32), len(ids), pool.slots("r", 0, len(ids)))
-    logits = m.logits(m(torch.tensor(ids), torch.arange(len(ids)), batch))
+    batch = StepBatch.build(pool, chunks=[("r", 0, len(ids))])
+    logits = m.logits(m(torch.tensor(ids), batch.positions, batch))
     assert rel_err(logits, ref) < 1e-5
     assert logits.argmax(-1).tolist() == ref.argmax(-1).tolist()
 
