@@ -2,7 +2,7 @@
 
 - Every ```python block runs; a comment on a line that calls print() is the line it must print. Blocks whose
   tensors are too large for Triton's interpreter in a test get their sizes scaled down by the exact text
-  substitutions in ``SHRINK`` (each must still occur in the README, so an edited block fails here until the
+  substitutions in ``SCRIPTS`` (each must still occur in the README, so an edited block fails here until the
   substitution is updated), applied to the expected output too.
 - Every command in a ```bash block is classified by :func:`plan`: run as shown; run with smaller arguments
   appended (argparse keeps the last value of an option) where the shown ones take minutes in the interpreter; parsed
@@ -25,21 +25,33 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 SMALL = ["--max-new-tokens", "2"]  # decode steps dominate in the interpreter; the README shows 32
-SHRINK = {  # block index -> substitutions (README text -> test text), applied to code and expected output
-    0: {
-        "[300, 17, 1024]": "[30, 17, 64]",
-        "[0, 300, 317, 1341]": "[0, 30, 47, 111]",
-        "torch.randn(1341, 32, 128": "torch.randn(111, 4, 128",
-        "torch.randn(1341, 8, 128": "torch.randn(111, 1, 128",
-        "max_seqlen_q=1024": "max_seqlen_q=64",
-        "max_seqlen_k=1024": "max_seqlen_k=64",
-        "torch.Size([1341, 32, 128]) torch.Size([1341, 32])": "torch.Size([111, 4, 128]) torch.Size([111, 4])",
-    },
-    1: {
-        "= 64, 16, 8, 32, 128": "= 64, 16, 2, 8, 128",
-        "torch.Size([2, 32, 128])": "torch.Size([2, 8, 128])",
-    },
-    2: {"max_new_tokens=16": "max_new_tokens=4"},
+PREFILL_SHRINK = {
+    "[300, 17, 1024]": "[30, 17, 64]",
+    "[0, 300, 317, 1341]": "[0, 30, 47, 111]",
+    "torch.randn(1341, 32, 128": "torch.randn(111, 4, 128",
+    "torch.randn(1341, 8, 128": "torch.randn(111, 1, 128",
+    "max_seqlen_q=1024": "max_seqlen_q=64",
+    "max_seqlen_k=1024": "max_seqlen_k=64",
+    "torch.Size([1341, 32, 128]) torch.Size([1341, 32])": "torch.Size([111, 4, 128]) torch.Size([111, 4])",
+}
+SCRIPTS = [  # (README python blocks run as one script, in one namespace; substitutions (README text -> test text))
+    ((0,), PREFILL_SHRINK),
+    (  # paged decode, its plan/run form, then paged prefill over the same caches
+        (1, 2, 3),
+        {
+            "= 64, 16, 8, 32, 128": "= 64, 16, 2, 8, 128",
+            "torch.Size([2, 32, 128])": "torch.Size([2, 8, 128])",
+            "torch.Size([4, 32, 128])": "torch.Size([4, 8, 128])",
+        },
+    ),
+    # torch.compile: the block defines the compiled function after block 0's imports; compiling it on CPU takes
+    # minutes with inductor, so tests/test_compile.py checks fullgraph tracing of the same calls instead.
+    ((0, 5), PREFILL_SHRINK),
+    ((6,), {"max_new_tokens=16": "max_new_tokens=4"}),
+]
+SKIPPED_BLOCKS = {
+    4: "downloads a Hugging Face checkpoint (no network in the tests); tests/test_hf.py runs the same "
+    "integration on local random Llama/Mistral/Qwen2/Gemma-2/gpt-oss checkpoints",
 }
 
 
@@ -155,19 +167,23 @@ def test_readme_commands_run(tmp_path, monkeypatch):
         assert status in (0, None), f"{shlex.join(argv)} exited {status}:\n{out.getvalue()}"
 
 
+def test_every_python_block_is_run_or_skipped_with_a_reason():
+    run = {i for blocks, _ in SCRIPTS for i in blocks}
+    assert run | set(SKIPPED_BLOCKS) == set(range(len(python_blocks()))), "a README python block is not tested"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(len(SCRIPTS)))
 def test_readme_python_blocks_run_and_print_what_they_say(index, monkeypatch, tmp_path):
-    blocks = python_blocks()
-    assert len(blocks) == 3, "the README's python blocks changed: update SHRINK"
-    code = blocks[index]
-    for old, new in SHRINK.get(index, {}).items():
-        assert old in code, f"README block {index} no longer contains {old!r}: update SHRINK"
+    blocks, substitutions = SCRIPTS[index]
+    code = "\n".join(python_blocks()[i] for i in blocks)
+    for old, new in substitutions.items():
+        assert old in code, f"README blocks {blocks} no longer contain {old!r}: update SCRIPTS"
         code = code.replace(old, new)
     monkeypatch.chdir(tmp_path)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code, f"README python block {index}", "exec"), {"__name__": "__readme__"})
+        exec(compile(code, f"README python blocks {blocks}", "exec"), {"__name__": "__readme__"})
     printed = out.getvalue().splitlines()
     expected = re.findall(r"^print\(.*\)\s+# (.*)$", code, re.M)
     for line in expected:
