@@ -356,19 +356,10 @@ def launch_spec(
     )
     constexprs = {
         "GROUP": group,
-        "HEAD_DIM": head_dim,
-        "BLOCK_D": triton.next_power_of_2(head_dim),
         "BLOCK_H": max(16, triton.next_power_of_2(group)),
-        "PAGE_SIZE": layout.page_size,
-        "IS_FP8": layout.is_fp8,
-        "K_SCALE_IN_MEMORY": ks_in_memory,
-        "V_SCALE_IN_MEMORY": vs_in_memory,
-        "HAS_WINDOW": window is not None,
-        "HAS_SOFTCAP": softcap is not None,
-        "HAS_SINKS": with_sinks,
-        "SPLIT": num_splits > 1,
-        "STORE_LSE": return_lse,
-        "PRECISION": "ieee" if q_dtype == torch.float32 else "tf32",
+        **_paged.attention_constexprs(
+            layout, q_dtype, ks_in_memory, vs_in_memory, window, softcap, with_sinks, num_splits, return_lse
+        ),
         **config,
     }
     return (batch, layout.num_kv_heads, num_splits), scalars, constexprs
@@ -456,38 +447,13 @@ def launch(
     else:
         kernel, config = _decode_kernel, default_config(head_dim, num_q_heads // layout.num_kv_heads, q.dtype)
     grid, scalars, constexprs = launch_spec(
-        batch,
-        num_q_heads,
-        layout,
-        q.dtype,
-        num_splits,
-        sm_scale,
-        softcap,
-        window,
-        ks_in_memory,
-        vs_in_memory,
-        sinks is not None,
-        return_lse,
-        q.device,
-        config,
-    )
+        batch, num_q_heads, layout, q.dtype, num_splits, sm_scale, softcap, window, ks_in_memory, vs_in_memory,
+        sinks is not None, return_lse, q.device, config,
+    )  # fmt: skip
     issue(
-        kernel[grid],
-        q,
-        k_cache,
-        v_cache,
-        block_table,
-        seq_lens,
-        out,
-        lse,
-        partials,
-        sinks,
-        (ks, vs),
-        layout,
-        scalars,
-        constexprs,
-        return_lse,
-    )
+        kernel[grid], q, k_cache, v_cache, block_table, seq_lens, out, lse, partials, sinks, (ks, vs), layout, scalars,
+        constexprs, return_lse,
+    )  # fmt: skip
     return out, lse if return_lse else lse[:0]
 
 
@@ -562,21 +528,10 @@ class PagedDecodePlan(_plan.AttentionPlan):
         else:
             self._partials = None
         grid, self._scalars, self._constexprs = launch_spec(
-            batch,
-            num_q_heads,
-            layout,
-            q_dtype,
-            num_splits,
-            sm_scale,
-            softcap,
-            window,
-            ks_in_memory,
-            vs_in_memory,
-            with_sinks,
-            return_lse,
-            device,
+            batch, num_q_heads, layout, q_dtype, num_splits, sm_scale, softcap, window, ks_in_memory, vs_in_memory,
+            with_sinks, return_lse, device,
             config or default_config(layout.head_dim, num_q_heads // layout.num_kv_heads, q_dtype),
-        )
+        )  # fmt: skip
         self._kernel = _decode_kernel[grid]  # bound once: run only calls it
         self._scales = (ks, vs)
 
@@ -608,20 +563,7 @@ class PagedDecodePlan(_plan.AttentionPlan):
         out, lse = self._outputs(out, lse)
         if self.batch:
             issue(
-                self._kernel,
-                q,
-                k_cache,
-                v_cache,
-                block_table,
-                seq_lens,
-                out,
-                lse,
-                self._partials,
-                sinks,
-                self._scales,
-                self.layout,
-                self._scalars,
-                self._constexprs,
-                self.return_lse,
-            )
+                self._kernel, q, k_cache, v_cache, block_table, seq_lens, out, lse, self._partials, sinks,
+                self._scales, self.layout, self._scalars, self._constexprs, self.return_lse,
+            )  # fmt: skip
         return (out, lse) if self.return_lse else out

@@ -283,14 +283,6 @@ class WriteKVPlan:
         )
         if self.num_tokens:
             issue(
-                self._kernel,
-                k,
-                v,
-                k_cache,
-                v_cache,
-                slot_mapping,
-                self._scales,
-                self.num_tokens,
-                self.layout,
+                self._kernel, k, v, k_cache, v_cache, slot_mapping, self._scales, self.num_tokens, self.layout,
                 self._constexprs,
-            )
+            )  # fmt: skip

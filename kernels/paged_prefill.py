@@ -363,19 +363,10 @@ def launch_spec(
     constexprs = {
         "GROUP": group,
         "GROUP_P": triton.next_power_of_2(group),
-        "HEAD_DIM": layout.head_dim,
-        "BLOCK_D": triton.next_power_of_2(layout.head_dim),
-        "PAGE_SIZE": layout.page_size,
-        "IS_FP8": layout.is_fp8,
-        "K_SCALE_IN_MEMORY": ks_in_memory,
-        "V_SCALE_IN_MEMORY": vs_in_memory,
         "CAUSAL": bool(causal),
-        "HAS_WINDOW": window is not None,
-        "HAS_SOFTCAP": softcap is not None,
-        "HAS_SINKS": with_sinks,
-        "SPLIT": num_splits > 1,
-        "STORE_LSE": return_lse,
-        "PRECISION": "ieee" if q_dtype == torch.float32 else "tf32",
+        **_paged.attention_constexprs(
+            layout, q_dtype, ks_in_memory, vs_in_memory, window, softcap, with_sinks, num_splits, return_lse
+        ),
         **config,
     }
     return (batch * q_tiles, layout.num_kv_heads, num_splits), scalars, constexprs
@@ -456,22 +447,9 @@ def launch(
     vs, vs_in_memory = _paged.scale_from_op_args(v_scale, v_scale_value)
     config = launch_config(max_seqlen_q, num_q_heads // layout.num_kv_heads, head_dim, q.dtype)
     grid, scalars, constexprs = launch_spec(
-        batch,
-        max_seqlen_q,
-        num_q_heads,
-        layout,
-        q.dtype,
-        num_splits,
-        causal,
-        sm_scale,
-        softcap,
-        window,
-        ks_in_memory,
-        vs_in_memory,
-        sinks is not None,
-        return_lse,
-        config,
-    )
+        batch, max_seqlen_q, num_q_heads, layout, q.dtype, num_splits, causal, sm_scale, softcap, window, ks_in_memory,
+        vs_in_memory, sinks is not None, return_lse, config,
+    )  # fmt: skip
     out = _runtime.empty((total_q, num_q_heads, head_dim), q.dtype, q.device)
     lse = _runtime.empty((total_q, num_q_heads) if return_lse else (1,), torch.float32, q.device)
     if total_q == 0 or grid[0] == 0:
@@ -483,23 +461,9 @@ def launch(
             _runtime.empty((total_q, num_q_heads, num_splits), torch.float32, q.device),
         )
     issue(
-        _paged_prefill_kernel[grid],
-        q,
-        k_cache,
-        v_cache,
-        block_table,
-        cu_seqlens_q,
-        seq_lens,
-        out,
-        lse,
-        partials,
-        sinks,
-        (ks, vs),
-        layout,
-        scalars,
-        constexprs,
-        return_lse,
-    )
+        _paged_prefill_kernel[grid], q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse, partials,
+        sinks, (ks, vs), layout, scalars, constexprs, return_lse,
+    )  # fmt: skip
     return out, lse if return_lse else lse[:0]
 
 
@@ -578,22 +542,9 @@ class PagedPrefillPlan(_plan.AttentionPlan):
         self._table_shape = (batch, block_table_width)
         self._init_outputs()
         grid, self._scalars, self._constexprs = launch_spec(
-            batch,
-            max_seqlen_q,
-            num_q_heads,
-            layout,
-            q_dtype,
-            num_splits,
-            causal,
-            sm_scale,
-            softcap,
-            window,
-            ks_in_memory,
-            vs_in_memory,
-            with_sinks,
-            return_lse,
-            config,
-        )
+            batch, max_seqlen_q, num_q_heads, layout, q_dtype, num_splits, causal, sm_scale, softcap, window,
+            ks_in_memory, vs_in_memory, with_sinks, return_lse, config,
+        )  # fmt: skip
         self._launches = total_q > 0 and grid[0] > 0
         self._partials = None
         if num_splits > 1 and self._launches:
@@ -630,21 +581,7 @@ class PagedPrefillPlan(_plan.AttentionPlan):
         out, lse = self._outputs(out, lse)
         if self._launches:
             issue(
-                self._kernel,
-                q,
-                k_cache,
-                v_cache,
-                block_table,
-                cu_seqlens_q,
-                seq_lens,
-                out,
-                lse,
-                self._partials,
-                sinks,
-                self._scales,
-                self.layout,
-                self._scalars,
-                self._constexprs,
-                self.return_lse,
-            )
+                self._kernel, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse, self._partials,
+                sinks, self._scales, self.layout, self._scalars, self._constexprs, self.return_lse,
+            )  # fmt: skip
         return (out, lse) if self.return_lse else out

@@ -387,20 +387,9 @@ def launch(
         else:
             kernel, config = _prefill_kernel, forced or default_config(head_dim, q.dtype, _runtime.arch(q.device))
         grid, scalars, constexprs = launch_spec(
-            batch,
-            max_seqlen_q,
-            num_q_heads,
-            k.shape[1],
-            head_dim,
-            q.dtype,
-            causal,
-            sm_scale,
-            window,
-            softcap,
-            sinks is not None,
-            return_lse,
-            config,
-        )
+            batch, max_seqlen_q, num_q_heads, k.shape[1], head_dim, q.dtype, causal, sm_scale, window, softcap,
+            sinks is not None, return_lse, config,
+        )  # fmt: skip
         issue(kernel[grid], q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, sinks, scalars, constexprs)
     elif return_lse:
         lse.fill_(float("-inf"))
@@ -476,20 +465,9 @@ class PrefillPlan(_plan.AttentionPlan):
         self._init_outputs()
         self._launches = total_q > 0 and batch > 0 and longest_q > 0
         grid, self._scalars, self._constexprs = launch_spec(
-            batch,
-            longest_q,
-            num_q_heads,
-            num_kv_heads,
-            head_dim,
-            dtype,
-            causal,
-            sm_scale,
-            window,
-            softcap,
-            with_sinks,
-            return_lse,
-            config,
-        )
+            batch, longest_q, num_q_heads, num_kv_heads, head_dim, dtype, causal, sm_scale, window, softcap,
+            with_sinks, return_lse, config,
+        )  # fmt: skip
         self._kernel = _prefill_kernel[grid(self._constexprs)]  # bound once: run only calls it
 
     def run(
