@@ -150,6 +150,35 @@ def scale_from_op_args(tensor: torch.Tensor | None, value: float) -> tuple[float
     return (tensor, True) if tensor is not None else (value, False)
 
 
+def attention_constexprs(
+    layout: CacheLayout,
+    q_dtype: torch.dtype,
+    ks_in_memory: bool,
+    vs_in_memory: bool,
+    window: int | None,
+    softcap: float | None,
+    with_sinks: bool,
+    num_splits: int,
+    return_lse: bool,
+) -> dict:
+    """The constexpr arguments the paged attention kernels (decode, paged prefill) share: the cache's geometry
+    and dtype, where the fp8 scales live, and which options, split partials and LSE output the launch has."""
+    return {
+        "HEAD_DIM": layout.head_dim,
+        "BLOCK_D": triton.next_power_of_2(layout.head_dim),
+        "PAGE_SIZE": layout.page_size,
+        "IS_FP8": layout.is_fp8,
+        "K_SCALE_IN_MEMORY": ks_in_memory,
+        "V_SCALE_IN_MEMORY": vs_in_memory,
+        "HAS_WINDOW": window is not None,
+        "HAS_SOFTCAP": softcap is not None,
+        "HAS_SINKS": with_sinks,
+        "SPLIT": num_splits > 1,
+        "STORE_LSE": return_lse,
+        "PRECISION": "ieee" if q_dtype == torch.float32 else "tf32",
+    }
+
+
 @triton.jit
 def load_scale(scale, IN_MEMORY: tl.constexpr):
     """A per-tensor scale passed either as a pointer to one float32 (IN_MEMORY) or as a float argument."""

@@ -326,6 +326,89 @@ def paged_decode_attention(
     return (out, lse) if return_lse else out
 
 
+def launch_spec(
+    batch: int,
+    num_q_heads: int,
+    layout: _paged.CacheLayout,
+    q_dtype: torch.dtype,
+    num_splits: int,
+    sm_scale: float | None,
+    softcap: float | None,
+    window: int | None,
+    ks_in_memory: bool,
+    vs_in_memory: bool,
+    with_sinks: bool,
+    return_lse: bool,
+    device: torch.device,
+    config: dict,
+) -> tuple[tuple, tuple, dict]:
+    """The kernel launch that host metadata implies, shared by :func:`launch` and :class:`PagedDecodePlan`:
+    (grid, the scalar arguments after the strides, the constexpr and config keyword arguments). ``config`` is
+    the tile config (``{}`` lets the autotuner pick it)."""
+    head_dim, group = layout.head_dim, num_q_heads // layout.num_kv_heads
+    programs = batch * layout.num_kv_heads * num_splits
+    scalars = (
+        num_q_heads,
+        log2_logit_scale(head_dim, sm_scale),
+        float(softcap or 0.0),
+        int(window or 0),
+        min(8, triton.next_power_of_2(triton.cdiv(max(programs, 1), _runtime.sm_count(device)))),
+    )
+    constexprs = {
+        "GROUP": group,
+        "BLOCK_H": max(16, triton.next_power_of_2(group)),
+        **_paged.attention_constexprs(
+            layout, q_dtype, ks_in_memory, vs_in_memory, window, softcap, with_sinks, num_splits, return_lse
+        ),
+        **config,
+    }
+    return (batch, layout.num_kv_heads, num_splits), scalars, constexprs
+
+
+def issue(
+    kernel,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    partials: tuple[torch.Tensor, torch.Tensor] | None,
+    sinks: torch.Tensor | None,
+    scales: tuple,
+    layout: _paged.CacheLayout,
+    scalars: tuple,
+    constexprs: dict,
+    return_lse: bool,
+) -> None:
+    """Launch ``kernel`` (the grid-bound kernel) with the arguments of :func:`launch_spec`, then merge the split
+    partials (``partials``: float32 (batch, Hq, S, D) and (batch, Hq, S), None for one split) into out/lse."""
+    part_out, part_lse = partials or (out, lse)  # without splits never touched: the kernel writes out/lse
+    kernel(
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        out,
+        lse,
+        part_out,
+        part_lse,
+        part_lse if sinks is None else sinks,
+        *scales,
+        *q.stride(),
+        *layout.strides,
+        *block_table.stride(),
+        seq_lens.stride(0),
+        *out.stride(),
+        *scalars,
+        **constexprs,
+    )
+    if partials is not None:
+        merge_splits(part_out, part_lse, out, lse, sinks, return_lse)
+
+
 def launch(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -353,60 +436,24 @@ def launch(
     lse = _runtime.empty((batch, num_q_heads) if return_lse else (1,), torch.float32, q.device)
     if batch == 0:
         return out, lse if return_lse else lse[:0]
-    split = num_splits > 1
-    if split:
-        part_out = _runtime.empty((batch, num_q_heads, num_splits, head_dim), torch.float32, q.device)
-        part_lse = _runtime.empty((batch, num_q_heads, num_splits), torch.float32, q.device)
-    else:  # never touched: the kernel writes out/lse directly
-        part_out, part_lse = out, lse
-    programs = batch * layout.num_kv_heads * num_splits
-    block_d = triton.next_power_of_2(head_dim)
-    group = num_q_heads // layout.num_kv_heads
+    partials = None
+    if num_splits > 1:
+        partials = (
+            _runtime.empty((batch, num_q_heads, num_splits, head_dim), torch.float32, q.device),
+            _runtime.empty((batch, num_q_heads, num_splits), torch.float32, q.device),
+        )
     if _runtime.AUTOTUNE:
         kernel, config = _autotuned, {}
     else:
-        kernel, config = _decode_kernel, default_config(head_dim, group, q.dtype)
-    kernel[(batch, layout.num_kv_heads, num_splits)](
-        q,
-        k_cache,
-        v_cache,
-        block_table,
-        seq_lens,
-        out,
-        lse,
-        part_out,
-        part_lse,
-        part_lse if sinks is None else sinks,
-        ks,
-        vs,
-        *q.stride(),
-        *layout.strides,
-        *block_table.stride(),
-        seq_lens.stride(0),
-        *out.stride(),
-        num_q_heads,
-        log2_logit_scale(head_dim, sm_scale),
-        float(softcap or 0.0),
-        int(window or 0),
-        min(8, triton.next_power_of_2(triton.cdiv(programs, _runtime.sm_count(q.device)))),
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_H=max(16, triton.next_power_of_2(group)),
-        PAGE_SIZE=layout.page_size,
-        IS_FP8=layout.is_fp8,
-        K_SCALE_IN_MEMORY=ks_in_memory,
-        V_SCALE_IN_MEMORY=vs_in_memory,
-        HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None,
-        HAS_SINKS=sinks is not None,
-        SPLIT=split,
-        STORE_LSE=return_lse,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        **config,
-    )
-    if split:
-        merge_splits(part_out, part_lse, out, lse, sinks, return_lse)
+        kernel, config = _decode_kernel, default_config(head_dim, num_q_heads // layout.num_kv_heads, q.dtype)
+    grid, scalars, constexprs = launch_spec(
+        batch, num_q_heads, layout, q.dtype, num_splits, sm_scale, softcap, window, ks_in_memory, vs_in_memory,
+        sinks is not None, return_lse, q.device, config,
+    )  # fmt: skip
+    issue(
+        kernel[grid], q, k_cache, v_cache, block_table, seq_lens, out, lse, partials, sinks, (ks, vs), layout, scalars,
+        constexprs, return_lse,
+    )  # fmt: skip
     return out, lse if return_lse else lse[:0]
 
 
@@ -480,34 +527,13 @@ class PagedDecodePlan(_plan.AttentionPlan):
             )
         else:
             self._partials = None
-        head_dim, group = layout.head_dim, num_q_heads // layout.num_kv_heads
-        programs = batch * layout.num_kv_heads * num_splits
-        self._kernel = _decode_kernel[(batch, layout.num_kv_heads, num_splits)]  # bound once: run only calls it
+        grid, self._scalars, self._constexprs = launch_spec(
+            batch, num_q_heads, layout, q_dtype, num_splits, sm_scale, softcap, window, ks_in_memory, vs_in_memory,
+            with_sinks, return_lse, device,
+            config or default_config(layout.head_dim, num_q_heads // layout.num_kv_heads, q_dtype),
+        )  # fmt: skip
+        self._kernel = _decode_kernel[grid]  # bound once: run only calls it
         self._scales = (ks, vs)
-        self._scalars = (
-            num_q_heads,
-            log2_logit_scale(head_dim, sm_scale),
-            float(softcap or 0.0),
-            int(window or 0),
-            min(8, triton.next_power_of_2(triton.cdiv(max(programs, 1), _runtime.sm_count(device)))),
-        )
-        self._constexprs = {
-            "GROUP": group,
-            "HEAD_DIM": head_dim,
-            "BLOCK_D": triton.next_power_of_2(head_dim),
-            "BLOCK_H": max(16, triton.next_power_of_2(group)),
-            "PAGE_SIZE": layout.page_size,
-            "IS_FP8": layout.is_fp8,
-            "K_SCALE_IN_MEMORY": ks_in_memory,
-            "V_SCALE_IN_MEMORY": vs_in_memory,
-            "HAS_WINDOW": window is not None,
-            "HAS_SOFTCAP": softcap is not None,
-            "HAS_SINKS": with_sinks,
-            "SPLIT": num_splits > 1,
-            "STORE_LSE": return_lse,
-            "PRECISION": "ieee" if q_dtype == torch.float32 else "tf32",
-            **(config or default_config(head_dim, group, q_dtype)),
-        }
 
     def run(
         self,
@@ -536,27 +562,8 @@ class PagedDecodePlan(_plan.AttentionPlan):
         sinks = self._sinks(sinks)
         out, lse = self._outputs(out, lse)
         if self.batch:
-            part_out, part_lse = self._partials or (out, lse)
-            self._kernel(
-                q,
-                k_cache,
-                v_cache,
-                block_table,
-                seq_lens,
-                out,
-                lse,
-                part_out,
-                part_lse,
-                part_lse if sinks is None else sinks,
-                *self._scales,
-                *q.stride(),
-                *self.layout.strides,
-                *block_table.stride(),
-                seq_lens.stride(0),
-                *out.stride(),
-                *self._scalars,
-                **self._constexprs,
-            )
-            if self._partials is not None:
-                merge_splits(part_out, part_lse, out, lse, sinks, self.return_lse)
+            issue(
+                self._kernel, q, k_cache, v_cache, block_table, seq_lens, out, lse, self._partials, sinks,
+                self._scales, self.layout, self._scalars, self._constexprs, self.return_lse,
+            )  # fmt: skip
         return (out, lse) if self.return_lse else out

@@ -146,6 +146,54 @@ def write_kv_cache(
     )
 
 
+def launch_spec(
+    num_tokens: int, layout: _paged.CacheLayout, ks_in_memory: bool, vs_in_memory: bool
+) -> tuple[tuple[int, int], dict]:
+    """The kernel launch that host metadata implies, shared by :func:`launch` and :class:`WriteKVPlan`: (grid,
+    the constexpr and config keyword arguments)."""
+    block_d = triton.next_power_of_2(layout.head_dim)
+    block_t = _block_tokens(block_d)
+    constexprs = {
+        "HEAD_DIM": layout.head_dim,
+        "BLOCK_D": block_d,
+        "BLOCK_T": block_t,
+        "PAGE_SIZE": layout.page_size,
+        "IS_FP8": layout.is_fp8,
+        "K_SCALE_IN_MEMORY": ks_in_memory,
+        "V_SCALE_IN_MEMORY": vs_in_memory,
+        "num_warps": 4,
+    }
+    return (triton.cdiv(num_tokens, block_t), layout.num_kv_heads), constexprs
+
+
+def issue(
+    kernel,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    scales: tuple,
+    num_tokens: int,
+    layout: _paged.CacheLayout,
+    constexprs: dict,
+) -> None:
+    """Launch ``kernel`` (the grid-bound kernel) with the arguments of :func:`launch_spec`."""
+    kernel(
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        *scales,
+        num_tokens,
+        *k.stride(),
+        *v.stride(),
+        *layout.strides,
+        **constexprs,
+    )
+
+
 def launch(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -160,32 +208,11 @@ def launch(
     """The launch behind ``torch.ops.phaseattn.write_kv_cache`` (see :mod:`kernels._ops`), on inputs
     :func:`write_kv_cache` has validated (at least one token); writes k_cache and v_cache in place."""
     layout = _paged.cache_layout(k_cache, v_cache)
-    num_tokens, num_kv_heads, head_dim = k.shape
+    num_tokens = k.shape[0]
     ks, ks_in_memory = _paged.scale_from_op_args(k_scale, k_scale_value)
     vs, vs_in_memory = _paged.scale_from_op_args(v_scale, v_scale_value)
-    block_d = triton.next_power_of_2(head_dim)
-    block_t = _block_tokens(block_d)
-    _write_kernel[(triton.cdiv(num_tokens, block_t), num_kv_heads)](
-        k,
-        v,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        ks,
-        vs,
-        num_tokens,
-        *k.stride(),
-        *v.stride(),
-        *layout.strides,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_T=block_t,
-        PAGE_SIZE=layout.page_size,
-        IS_FP8=layout.is_fp8,
-        K_SCALE_IN_MEMORY=ks_in_memory,
-        V_SCALE_IN_MEMORY=vs_in_memory,
-        num_warps=4,
-    )
+    grid, constexprs = launch_spec(num_tokens, layout, ks_in_memory, vs_in_memory)
+    issue(_write_kernel[grid], k, v, k_cache, v_cache, slot_mapping, (ks, vs), num_tokens, layout, constexprs)
 
 
 class WriteKVPlan:
@@ -240,19 +267,8 @@ class WriteKVPlan:
         self._kv_shape = (num_tokens, layout.num_kv_heads, layout.head_dim)
         self._kv_dtype, self._slot_dtype = kv_dtype, slot_dtype
         self._scales = (ks, vs)
-        block_d = triton.next_power_of_2(layout.head_dim)
-        block_t = _block_tokens(block_d)
-        self._kernel = _write_kernel[(triton.cdiv(num_tokens, block_t), layout.num_kv_heads)]
-        self._constexprs = {
-            "HEAD_DIM": layout.head_dim,
-            "BLOCK_D": block_d,
-            "BLOCK_T": block_t,
-            "PAGE_SIZE": layout.page_size,
-            "IS_FP8": layout.is_fp8,
-            "K_SCALE_IN_MEMORY": ks_in_memory,
-            "V_SCALE_IN_MEMORY": vs_in_memory,
-            "num_warps": 4,
-        }
+        grid, self._constexprs = launch_spec(num_tokens, layout, ks_in_memory, vs_in_memory)
+        self._kernel = _write_kernel[grid]  # bound once: run only calls it
 
     def run(
         self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
@@ -266,16 +282,7 @@ class WriteKVPlan:
             "slot_mapping", slot_mapping, self._kv_shape[:1], self._slot_dtype, dev, "another token count", dense=True
         )
         if self.num_tokens:
-            self._kernel(
-                k,
-                v,
-                k_cache,
-                v_cache,
-                slot_mapping,
-                *self._scales,
-                self.num_tokens,
-                *k.stride(),
-                *v.stride(),
-                *self.layout.strides,
-                **self._constexprs,
-            )
+            issue(
+                self._kernel, k, v, k_cache, v_cache, slot_mapping, self._scales, self.num_tokens, self.layout,
+                self._constexprs,
+            )  # fmt: skip

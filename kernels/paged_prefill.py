@@ -337,6 +337,87 @@ def paged_prefill_attention(
     return (out, lse) if return_lse else out
 
 
+def launch_spec(
+    batch: int,
+    max_seqlen_q: int,
+    num_q_heads: int,
+    layout: _paged.CacheLayout,
+    q_dtype: torch.dtype,
+    num_splits: int,
+    causal: bool,
+    sm_scale: float | None,
+    softcap: float | None,
+    window: int | None,
+    ks_in_memory: bool,
+    vs_in_memory: bool,
+    with_sinks: bool,
+    return_lse: bool,
+    config: dict,
+) -> tuple[tuple, tuple, dict]:
+    """The kernel launch that host metadata implies, shared by :func:`launch` and :class:`PagedPrefillPlan`:
+    (grid, the scalar arguments after the strides, the constexpr and config keyword arguments); ``config`` is a
+    :func:`launch_config`-shaped dict. The grid is empty (a 0) when there is nothing to launch."""
+    group = num_q_heads // layout.num_kv_heads
+    q_tiles = triton.cdiv(max_seqlen_q, config["BLOCK_Q"])
+    scalars = (batch, num_q_heads, log2_logit_scale(layout.head_dim, sm_scale), float(softcap or 0.0), int(window or 0))
+    constexprs = {
+        "GROUP": group,
+        "GROUP_P": triton.next_power_of_2(group),
+        "CAUSAL": bool(causal),
+        **_paged.attention_constexprs(
+            layout, q_dtype, ks_in_memory, vs_in_memory, window, softcap, with_sinks, num_splits, return_lse
+        ),
+        **config,
+    }
+    return (batch * q_tiles, layout.num_kv_heads, num_splits), scalars, constexprs
+
+
+def issue(
+    kernel,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    partials: tuple[torch.Tensor, torch.Tensor] | None,
+    sinks: torch.Tensor | None,
+    scales: tuple,
+    layout: _paged.CacheLayout,
+    scalars: tuple,
+    constexprs: dict,
+    return_lse: bool,
+) -> None:
+    """Launch ``kernel`` (the grid-bound kernel) with the arguments of :func:`launch_spec`, then merge the split
+    partials (``partials``: float32 (total_q, Hq, S, D) and (total_q, Hq, S), None for one split) into out/lse."""
+    part_out, part_lse = partials or (out, lse)  # without splits never touched: the kernel writes out/lse
+    kernel(
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        cu_seqlens_q,
+        lse if sinks is None else sinks,
+        out,
+        lse,
+        part_out,
+        part_lse,
+        *scales,
+        *q.stride(),
+        *layout.strides,
+        *block_table.stride(),
+        seq_lens.stride(0),
+        *out.stride(),
+        *scalars,
+        **constexprs,
+    )
+    if partials is not None:
+        merge_splits(part_out, part_lse, out, lse, sinks, return_lse)
+
+
 def launch(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -364,63 +445,25 @@ def launch(
     batch = seq_lens.shape[0]
     ks, ks_in_memory = _paged.scale_from_op_args(k_scale, k_scale_value)
     vs, vs_in_memory = _paged.scale_from_op_args(v_scale, v_scale_value)
-    group = num_q_heads // layout.num_kv_heads
-    config = launch_config(max_seqlen_q, group, head_dim, q.dtype)
-    q_tiles = triton.cdiv(max_seqlen_q, config["BLOCK_Q"])
+    config = launch_config(max_seqlen_q, num_q_heads // layout.num_kv_heads, head_dim, q.dtype)
+    grid, scalars, constexprs = launch_spec(
+        batch, max_seqlen_q, num_q_heads, layout, q.dtype, num_splits, causal, sm_scale, softcap, window, ks_in_memory,
+        vs_in_memory, sinks is not None, return_lse, config,
+    )  # fmt: skip
     out = _runtime.empty((total_q, num_q_heads, head_dim), q.dtype, q.device)
     lse = _runtime.empty((total_q, num_q_heads) if return_lse else (1,), torch.float32, q.device)
-    if total_q == 0 or batch == 0 or q_tiles == 0:
+    if total_q == 0 or grid[0] == 0:
         return out, lse if return_lse else lse[:0]
-    split = num_splits > 1
-    if split:
-        part_out = _runtime.empty((total_q, num_q_heads, num_splits, head_dim), torch.float32, q.device)
-        part_lse = _runtime.empty((total_q, num_q_heads, num_splits), torch.float32, q.device)
-    else:  # never touched: the kernel writes out/lse directly
-        part_out, part_lse = out, lse
-    block_d = triton.next_power_of_2(head_dim)
-    _paged_prefill_kernel[(batch * q_tiles, layout.num_kv_heads, num_splits)](
-        q,
-        k_cache,
-        v_cache,
-        block_table,
-        seq_lens,
-        cu_seqlens_q,
-        lse if sinks is None else sinks,
-        out,
-        lse,
-        part_out,
-        part_lse,
-        ks,
-        vs,
-        *q.stride(),
-        *layout.strides,
-        *block_table.stride(),
-        seq_lens.stride(0),
-        *out.stride(),
-        batch,
-        num_q_heads,
-        log2_logit_scale(head_dim, sm_scale),
-        float(softcap or 0.0),
-        int(window or 0),
-        GROUP=group,
-        GROUP_P=triton.next_power_of_2(group),
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        PAGE_SIZE=layout.page_size,
-        IS_FP8=layout.is_fp8,
-        K_SCALE_IN_MEMORY=ks_in_memory,
-        V_SCALE_IN_MEMORY=vs_in_memory,
-        CAUSAL=bool(causal),
-        HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None,
-        HAS_SINKS=sinks is not None,
-        SPLIT=split,
-        STORE_LSE=return_lse,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        **config,
-    )
-    if split:
-        merge_splits(part_out, part_lse, out, lse, sinks, return_lse)
+    partials = None
+    if num_splits > 1:
+        partials = (
+            _runtime.empty((total_q, num_q_heads, num_splits, head_dim), torch.float32, q.device),
+            _runtime.empty((total_q, num_q_heads, num_splits), torch.float32, q.device),
+        )
+    issue(
+        _paged_prefill_kernel[grid], q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse, partials,
+        sinks, (ks, vs), layout, scalars, constexprs, return_lse,
+    )  # fmt: skip
     return out, lse if return_lse else lse[:0]
 
 
@@ -498,40 +541,18 @@ class PagedPrefillPlan(_plan.AttentionPlan):
         self._lse_shape = (total_q, num_q_heads)
         self._table_shape = (batch, block_table_width)
         self._init_outputs()
-        self._launches = total_q > 0 and batch > 0 and q_tiles > 0
-        split = num_splits > 1
+        grid, self._scalars, self._constexprs = launch_spec(
+            batch, max_seqlen_q, num_q_heads, layout, q_dtype, num_splits, causal, sm_scale, softcap, window,
+            ks_in_memory, vs_in_memory, with_sinks, return_lse, config,
+        )  # fmt: skip
+        self._launches = total_q > 0 and grid[0] > 0
         self._partials = None
-        if split and self._launches:
+        if num_splits > 1 and self._launches:
             self._partials = (workspace or _plan.Workspace(device)).partials(
                 total_q, num_q_heads, num_splits, layout.head_dim
             )
-        self._kernel = _paged_prefill_kernel[(batch * q_tiles, layout.num_kv_heads, num_splits)]
+        self._kernel = _paged_prefill_kernel[grid]  # bound once: run only calls it
         self._scales = (ks, vs)
-        self._scalars = (
-            batch,
-            num_q_heads,
-            log2_logit_scale(layout.head_dim, sm_scale),
-            float(softcap or 0.0),
-            int(window or 0),
-        )
-        self._constexprs = {
-            "GROUP": group,
-            "GROUP_P": triton.next_power_of_2(group),
-            "HEAD_DIM": layout.head_dim,
-            "BLOCK_D": triton.next_power_of_2(layout.head_dim),
-            "PAGE_SIZE": layout.page_size,
-            "IS_FP8": layout.is_fp8,
-            "K_SCALE_IN_MEMORY": ks_in_memory,
-            "V_SCALE_IN_MEMORY": vs_in_memory,
-            "CAUSAL": bool(causal),
-            "HAS_WINDOW": window is not None,
-            "HAS_SOFTCAP": softcap is not None,
-            "HAS_SINKS": with_sinks,
-            "SPLIT": split,
-            "STORE_LSE": return_lse,
-            "PRECISION": "ieee" if q_dtype == torch.float32 else "tf32",
-            **config,
-        }
 
     def run(
         self,
@@ -559,28 +580,8 @@ class PagedPrefillPlan(_plan.AttentionPlan):
         sinks = self._sinks(sinks)
         out, lse = self._outputs(out, lse)
         if self._launches:
-            part_out, part_lse = self._partials or (out, lse)
-            self._kernel(
-                q,
-                k_cache,
-                v_cache,
-                block_table,
-                seq_lens,
-                cu_seqlens_q,
-                lse if sinks is None else sinks,
-                out,
-                lse,
-                part_out,
-                part_lse,
-                *self._scales,
-                *q.stride(),
-                *self.layout.strides,
-                *block_table.stride(),
-                seq_lens.stride(0),
-                *out.stride(),
-                *self._scalars,
-                **self._constexprs,
-            )
-            if self._partials is not None:
-                merge_splits(part_out, part_lse, out, lse, sinks, self.return_lse)
+            issue(
+                self._kernel, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse, self._partials,
+                sinks, self._scales, self.layout, self._scalars, self._constexprs, self.return_lse,
+            )  # fmt: skip
         return (out, lse) if self.return_lse else out

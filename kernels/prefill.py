@@ -280,6 +280,86 @@ def prefill_attention(
     return (out, lse) if return_lse else out
 
 
+def launch_spec(
+    batch: int,
+    max_seqlen_q: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    causal: bool,
+    sm_scale: float | None,
+    window: int | None,
+    softcap: float | None,
+    with_sinks: bool,
+    return_lse: bool,
+    config: dict,
+) -> tuple:
+    """The kernel launch that host metadata implies, shared by :func:`launch` and :class:`PrefillPlan`: (grid,
+    the scalar arguments after the strides, the constexpr and config keyword arguments). The grid is a function
+    of the launch's meta-parameters (BLOCK_M comes from ``config``, or from the autotuner when ``config`` is
+    ``{}``); it raises ValueError when the query tiles do not fit the grid."""
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        m_blocks = triton.cdiv(max_seqlen_q, meta["BLOCK_M"])
+        if m_blocks > MAX_GRID_YZ:
+            raise ValueError(f"max_seqlen_q={max_seqlen_q} needs more than {MAX_GRID_YZ} query tiles")
+        return (num_q_heads, batch, m_blocks)
+
+    scalars = (
+        num_q_heads,
+        log2_logit_scale(head_dim, sm_scale),
+        float(softcap or 0.0),
+        int(window or 0),
+        min(triton.next_power_of_2(max(max_seqlen_q, 1)), 16384),
+    )
+    constexprs = {
+        "GROUP": num_q_heads // num_kv_heads,
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": triton.next_power_of_2(head_dim),
+        "CAUSAL": bool(causal),
+        "HAS_WINDOW": window is not None,
+        "HAS_SOFTCAP": softcap is not None,
+        "HAS_SINKS": with_sinks,
+        "STORE_LSE": return_lse,
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        **config,
+    }
+    return grid, scalars, constexprs
+
+
+def issue(
+    kernel,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    sinks: torch.Tensor | None,
+    scalars: tuple,
+    constexprs: dict,
+) -> None:
+    """Launch ``kernel`` (the grid-bound kernel) with the arguments of :func:`launch_spec`."""
+    kernel(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        lse if sinks is None else sinks,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *scalars,
+        **constexprs,
+    )
+
+
 def launch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -297,53 +377,20 @@ def launch(
     """The launch behind ``torch.ops.phaseattn.prefill_attention`` (see :mod:`kernels._ops`), on inputs
     :func:`prefill_attention` has validated: returns (out, lse), lse empty (0,) unless ``return_lse``."""
     total_q, num_q_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
     batch = cu_seqlens_q.numel() - 1
     out = _runtime.empty((total_q, num_q_heads, head_dim), q.dtype, q.device)
     lse = _runtime.empty((total_q, num_q_heads) if return_lse else (1,), torch.float32, q.device)
     if total_q > 0 and batch > 0 and max_seqlen_q > 0:
-        block_d = triton.next_power_of_2(head_dim)
-
-        def grid(meta):
-            m_blocks = triton.cdiv(max_seqlen_q, meta["BLOCK_M"])
-            if m_blocks > MAX_GRID_YZ:
-                raise ValueError(f"max_seqlen_q={max_seqlen_q} needs more than {MAX_GRID_YZ} query tiles")
-            return (num_q_heads, batch, m_blocks)
-
         forced = _forced_config.get()
         if forced is None and _runtime.AUTOTUNE:
             kernel, config = _autotuned, {}
         else:
             kernel, config = _prefill_kernel, forced or default_config(head_dim, q.dtype, _runtime.arch(q.device))
-        kernel[grid](
-            q,
-            k,
-            v,
-            out,
-            lse,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            lse if sinks is None else sinks,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *out.stride(),
-            num_q_heads,
-            log2_logit_scale(head_dim, sm_scale),
-            float(softcap or 0.0),
-            int(window or 0),
-            min(triton.next_power_of_2(max(max_seqlen_q, 1)), 16384),
-            GROUP=num_q_heads // num_kv_heads,
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            CAUSAL=bool(causal),
-            HAS_WINDOW=window is not None,
-            HAS_SOFTCAP=softcap is not None,
-            HAS_SINKS=sinks is not None,
-            STORE_LSE=return_lse,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            **config,
-        )
+        grid, scalars, constexprs = launch_spec(
+            batch, max_seqlen_q, num_q_heads, k.shape[1], head_dim, q.dtype, causal, sm_scale, window, softcap,
+            sinks is not None, return_lse, config,
+        )  # fmt: skip
+        issue(kernel[grid], q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, sinks, scalars, constexprs)
     elif return_lse:
         lse.fill_(float("-inf"))
     return out, lse if return_lse else lse[:0]
@@ -417,26 +464,11 @@ class PrefillPlan(_plan.AttentionPlan):
         self._cu_shape = (batch + 1,)
         self._init_outputs()
         self._launches = total_q > 0 and batch > 0 and longest_q > 0
-        self._kernel = _prefill_kernel[(num_q_heads, batch, m_blocks)]  # bound once: run only calls it
-        self._scalars = (
-            num_q_heads,
-            log2_logit_scale(head_dim, sm_scale),
-            float(softcap or 0.0),
-            int(window or 0),
-            min(triton.next_power_of_2(max(longest_q, 1)), 16384),
-        )
-        self._constexprs = {
-            "GROUP": num_q_heads // num_kv_heads,
-            "HEAD_DIM": head_dim,
-            "BLOCK_D": triton.next_power_of_2(head_dim),
-            "CAUSAL": bool(causal),
-            "HAS_WINDOW": window is not None,
-            "HAS_SOFTCAP": softcap is not None,
-            "HAS_SINKS": with_sinks,
-            "STORE_LSE": return_lse,
-            "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-            **config,
-        }
+        grid, self._scalars, self._constexprs = launch_spec(
+            batch, longest_q, num_q_heads, num_kv_heads, head_dim, dtype, causal, sm_scale, window, softcap,
+            with_sinks, return_lse, config,
+        )  # fmt: skip
+        self._kernel = _prefill_kernel[grid(self._constexprs)]  # bound once: run only calls it
 
     def run(
         self,
@@ -461,22 +493,7 @@ class PrefillPlan(_plan.AttentionPlan):
         sinks = self._sinks(sinks)
         out, lse = self._outputs(out, lse)
         if self._launches:
-            self._kernel(
-                q,
-                k,
-                v,
-                out,
-                lse,
-                cu_seqlens_q,
-                cu_seqlens_k,
-                lse if sinks is None else sinks,
-                *q.stride(),
-                *k.stride(),
-                *v.stride(),
-                *out.stride(),
-                *self._scalars,
-                **self._constexprs,
-            )
+            issue(self._kernel, q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, sinks, self._scalars, self._constexprs)
         elif self.return_lse:
             lse.fill_(float("-inf"))
         return (out, lse) if self.return_lse else out
