@@ -9,7 +9,7 @@ import math
 import triton
 import triton.language as tl
 
-from kernels._paged import token_offsets
+from kernels._paged import load_scale, token_offsets
 
 LOG2E = tl.constexpr(1.4426950408889634)  # jit globals must be tl.constexpr instances
 LN2 = tl.constexpr(0.6931471805599453)
@@ -190,3 +190,31 @@ def attend_tiles(
                 v = tl.load(v_ptrs)
             acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PRECISION)
     return acc, m_i, l_i
+
+
+@triton.jit
+def finish_and_store(
+    acc, m_i, l_i, row, head, ok, offs_d, d_ok, Sinks, v_scale, Out, Lse, PartOut, PartLse,
+    stride_or, stride_oh, stride_od, num_q_heads, split, num_splits,
+    HEAD_DIM: tl.constexpr, HAS_SINKS: tl.constexpr, IS_FP8: tl.constexpr, V_SCALE_IN_MEMORY: tl.constexpr,
+    SPLIT: tl.constexpr, STORE_LSE: tl.constexpr,
+):  # fmt: skip
+    """The paged attention kernels' epilogue for a tile of (query ``row``, query ``head``) pairs (``row`` a scalar
+    or a vector like ``head``; ``ok`` masks padding rows): the sink joins the denominator (unsplit runs only: split
+    partials get it once, in the merge), the softmax is normalised, fp8's ``v_scale`` applied, and the result is
+    stored, as a split partial (PartOut (rows, Hq, S, HEAD_DIM), PartLse (rows, Hq, S), float32) or directly."""
+    if HAS_SINKS and not SPLIT:
+        acc, m_i, l_i = add_sink(acc, m_i, l_i, tl.load(Sinks + head, mask=ok, other=0.0) * LOG2E)
+    out, lse = softmax_finish(acc, m_i, l_i)
+    if IS_FP8:
+        out *= load_scale(v_scale, V_SCALE_IN_MEMORY)
+    mask = ok[:, None] & d_ok[None, :]
+    if SPLIT:
+        part = (row * num_q_heads + head) * num_splits + split
+        tl.store(PartOut + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
+        tl.store(PartLse + part, lse, mask=ok)
+    else:
+        o_ptrs = Out + (row * stride_or + head * stride_oh)[:, None] + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
+        if STORE_LSE:
+            tl.store(Lse + row * num_q_heads + head, lse, mask=ok)

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels import _paged, _plan, _runtime, _validate
-from kernels._jit import LOG2E, add_sink, log2_logit_scale, online_softmax_step, scale_scores, softmax_finish
+from kernels._jit import finish_and_store, log2_logit_scale, online_softmax_step, scale_scores
 from kernels._paged import load_scale, token_offsets
 from kernels.merge import merge_splits
 
@@ -147,21 +147,11 @@ def _decode_kernel(
             p.to(Q.dtype.element_ty), v.to(Q.dtype.element_ty), acc * alpha[:, None], input_precision=PRECISION
         )
 
-    if HAS_SINKS and not SPLIT:  # split partials get the sink in the merge, once
-        acc, m_i, l_i = add_sink(acc, m_i, l_i, tl.load(Sinks + heads, mask=h_ok, other=0.0) * LOG2E)
-    out, lse = softmax_finish(acc, m_i, l_i)
-    if IS_FP8:
-        out *= load_scale(v_scale, V_SCALE_IN_MEMORY)
-    mask = h_ok[:, None] & d_ok[None, :]
-    if SPLIT:  # partials: PartOut (B, Hq, S, HEAD_DIM), PartLse (B, Hq, S), float32
-        part = (b * num_q_heads + heads) * num_splits + split
-        tl.store(PartOut + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
-        tl.store(PartLse + part, lse, mask=h_ok)
-    else:
-        o_ptrs = Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
-        if STORE_LSE:
-            tl.store(Lse + b * num_q_heads + heads, lse, mask=h_ok)
+    finish_and_store(
+        acc, m_i, l_i, b, heads, h_ok, offs_d, d_ok, Sinks, v_scale, Out, Lse, PartOut, PartLse,
+        stride_ob, stride_oh, stride_od, num_q_heads, split, num_splits,
+        HEAD_DIM, HAS_SINKS, IS_FP8, V_SCALE_IN_MEMORY, SPLIT, STORE_LSE,
+    )  # fmt: skip
 
 
 def default_config(head_dim: int, group: int, dtype: torch.dtype) -> dict:

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from kernels import _paged, _plan, _runtime, _validate
-from kernels._jit import LOG2E, add_sink, attend_tiles, key_tiles, log2_logit_scale, softmax_finish
+from kernels._jit import attend_tiles, finish_and_store, key_tiles, log2_logit_scale
 from kernels._paged import load_scale
 from kernels.decode import MAX_SPLITS, choose_num_splits
 from kernels.merge import merge_splits
@@ -111,22 +111,11 @@ def _paged_prefill_kernel(
         stride_token, stride_cd, stride_token, stride_cd, stride_page,
         head_lo, n_head, tail_lo, n_head + n_tail, key_lo, key_hi, pos, window, qk_scale, softcap,
         HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
-    if HAS_SINKS and not SPLIT:  # split partials get the sink in the merge, once
-        acc, m_i, l_i = add_sink(acc, m_i, l_i, tl.load(Sinks + head, mask=row_ok, other=0.0) * LOG2E)
-
-    out, lse = softmax_finish(acc, m_i, l_i)
-    if IS_FP8:
-        out *= load_scale(v_scale, V_SCALE_IN_MEMORY)
-    mask = row_ok[:, None] & d_ok[None, :]
-    if SPLIT:  # partials: PartOut (total_q, Hq, S, HEAD_DIM), PartLse (total_q, Hq, S), float32
-        part = (token * num_q_heads + head) * num_splits + split
-        tl.store(PartOut + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
-        tl.store(PartLse + part, lse, mask=row_ok)
-    else:
-        o_ptrs = Out + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
-        if STORE_LSE:
-            tl.store(Lse + token * num_q_heads + head, lse, mask=row_ok)
+    finish_and_store(
+        acc, m_i, l_i, token, head, row_ok, offs_d, d_ok, Sinks, v_scale, Out, Lse, PartOut, PartLse,
+        stride_ot, stride_oh, stride_od, num_q_heads, split, num_splits,
+        HEAD_DIM, HAS_SINKS, IS_FP8, V_SCALE_IN_MEMORY, SPLIT, STORE_LSE,
+    )
 # fmt: on
 
 
