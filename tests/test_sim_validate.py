@@ -104,6 +104,83 @@ def test_overhead_terms_by_hand():
     assert t_host - t_plain == pytest.approx(20 * host, rel=1e-9)
 
 
+def test_host_work_per_request_by_hand():
+    h0, tau = 1e-3, 1e-5
+    plain = StepCost(TOY, ROUND, terms=ROOFLINE)
+    terms = dataclass_replace(ROOFLINE, host_overhead=h0, host_per_request=tau)
+    overlapped = StepCost(TOY, ROUND, terms=terms)
+    serial = StepCost(TOY, ROUND, terms=dataclass_replace(terms, overlap=False))
+    # Every sequence in the step counts: 4 decodes and 2 prompt chunks are 6 requests' bookkeeping.
+    chunks = [(30, 0), (20, 10)]
+    assert overlapped.host(6) == pytest.approx(h0 + 6 * tau, rel=1e-12)
+    assert serial.step(4, 400, chunks) == pytest.approx(plain.step(4, 400, chunks) + h0 + 6 * tau, rel=1e-12)
+    # 200 decodes: the host (3 ms) outlasts the toy's GPU step, so the overlapped step is the host's, and a decode
+    # run stays flat at that pace until the GPU step outgrows it.
+    assert plain.step(200, 200 * 50) < h0 + 200 * tau
+    assert overlapped.step(200, 200 * 50) == pytest.approx(h0 + 200 * tau, rel=1e-12)
+    steps, first, growth = overlapped.decode_run(200, 200 * 50, 10_000)
+    assert (first, growth) == (pytest.approx(h0 + 200 * tau, rel=1e-12), 0.0)
+    for j in range(0, steps, max(1, steps // 7)):
+        assert first == pytest.approx(overlapped.decode(200, 200 * (50 + j)), rel=1e-9)
+    # Simulated without overlap: 8 requests of 16 output tokens, prefill-first: one prefill step of 8 prompts and
+    # 15 decode steps of 8, so the host adds 16 · h0 + (8 + 15 · 8) · tau to the makespan.
+    batch = reqs([0.0] * 8, [50] * 8, [16] * 8)
+    span = {
+        t: throughput(simulate(Colocated(Pool(ROUND, 1), "prefill-first"), batch, TOY, Serving(terms=t))).makespan_s
+        for t in (ROOFLINE, dataclass_replace(terms, overlap=False))
+    }
+    assert span[dataclass_replace(terms, overlap=False)] - span[ROOFLINE] == pytest.approx(
+        16 * h0 + (8 + 15 * 8) * tau, rel=1e-9
+    )
+
+
+def test_host_work_per_request_bounds_huge_batches_of_short_requests():
+    # Llama-3-8B in fp8, 4,096 sequences decoding at context ~200 (the 128/128 row's batch): the GPU step is
+    # 4,096 tokens of GEMMs at the fp8 rate (~52 ms) plus their attention and elementwise passes, 73 ms on the
+    # H200 preset and 82 ms on the H100; the host walks 4,096 requests at 26.8 µs plus 4 ms: 113.8 ms. The step
+    # takes the host's time on both: there a faster-memory device gains nothing.
+    from disagg.roofline import LLAMA3_8B
+
+    terms = CostModel()
+    assert terms.host_per_request == 26.8e-6 and terms.host_overhead == 4e-3
+    host = 4e-3 + 4096 * 26.8e-6
+    for name in ("h100", "h200"):
+        cost = StepCost(LLAMA3_8B, device(name), dtype_bytes=1, kv_bytes=1, terms=terms, page_size=32)
+        gpu = cost.gpu_step(4096, 4096 * 200)
+        assert 0.03 < gpu < host
+        assert cost.step(4096, 4096 * 200) == pytest.approx(host, rel=1e-12)
+        # Without the term the step is the GPU's alone: 4,096 tokens per gpu seconds instead of per 113.8 ms.
+        flat = StepCost(LLAMA3_8B, device(name), dtype_bytes=1, kv_bytes=1, page_size=32,
+                        terms=dataclass_replace(terms, host_per_request=0.0))  # fmt: skip
+        assert flat.step(4096, 4096 * 200) == pytest.approx(gpu, rel=1e-12)
+    # A mixed step of 4,096 decodes and 32 prompts of 128 tokens is GPU-bound (twice the GEMM rows): unchanged.
+    cost = StepCost(LLAMA3_8B, device("h200"), dtype_bytes=1, kv_bytes=1, terms=terms, page_size=32)
+    mixed = [(128, 0)] * 32
+    assert cost.step(4096, 4096 * 200, mixed) == pytest.approx(cost.gpu_step(4096, 4096 * 200, mixed), rel=1e-12)
+
+
+def test_unquantized_lm_head_by_hand():
+    # fp8 weights on a device with fp8 tensor cores at twice the bf16 rate: the layers' GEMMs run at 2e12 FLOP/s,
+    # the LM head's (1000 × 64, 128,000 FLOPs per row) at the bf16 1e12, reading 2-byte weights.
+    fp8 = dataclass_replace(ROOFLINE, fp8_gemm=True)
+    quantized = StepCost(TOY, FP8, dtype_bytes=1, terms=fp8)
+    head = StepCost(TOY, FP8, dtype_bytes=1, terms=dataclass_replace(fp8, unquantized_head=True))
+    flops_per_row = 2 * 1000 * 64
+    # 1,000 compute-bound tokens, all through the head: the head's FLOPs take twice as long.
+    assert head.gemm(1000) - quantized.gemm(1000) == pytest.approx(1000 * flops_per_row * (1 / 1e12 - 1 / 2e12))
+    # One bandwidth-bound token: one more byte per head weight, and its row's activations in and out at 2 bytes.
+    assert head.gemm(1) - quantized.gemm(1) == pytest.approx((1000 * 64 + (64 + 1000)) / 1e11, rel=1e-9)
+    # Memory: embedding and head tables (untied) take 2 bytes per parameter, the layers 1.
+    assert head.weight_bytes - quantized.weight_bytes == 2 * 1000 * 64 == head.weight_bytes - TOY.weight_bytes(1)
+    assert head.kv_capacity_tokens(0.9) == int(
+        0.9 * (1e6 - TOY.weight_bytes(1) - 2 * 64_000) // KV_PER_TOKEN
+    )  # bf16 KV
+    # bf16 weights are unaffected.
+    assert StepCost(TOY, FP8, terms=dataclass_replace(fp8, unquantized_head=True)).gemm(1000) == pytest.approx(
+        StepCost(TOY, FP8, terms=fp8).gemm(1000), rel=1e-12
+    )
+
+
 def test_activations_and_tiles_by_hand():
     terms = dataclass_replace(ROOFLINE, activation_memory=True)
     c = StepCost(TOY, ROUND, terms=terms)
@@ -138,11 +215,8 @@ def test_validation_against_the_published_table():
     assert len(v.rows) == 2 * len(table["rows"]) == 12
     for row in v.rows:
         assert row.predicted > 0 and row.error == pytest.approx(row.predicted / row.published - 1)
-    # The issue's goal is median ≤ 10 % and max ≤ 20 %. The median holds; one row (128/128 on the H200, where the
-    # published H200 is no faster than the H100) misses the max (README, "What the model misses").
-    assert v.median_abs_error <= 0.10
-    assert v.max_abs_error <= 0.25
-    assert sum(abs(r.error) > 0.20 for r in v.rows) <= 1
+    # The issue's bounds, on every row.
+    assert v.median_abs_error <= 0.10 and v.max_abs_error <= 0.20
 
 
 def test_validation_generalises_to_a_held_out_table():

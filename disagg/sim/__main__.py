@@ -61,8 +61,10 @@ TERMS_HELP = {
     "tiles": "round work up to GEMM rows of 64, causal tiles of 128 and KV pages",
     "elementwise": "cost norms, RoPE/KV write, SwiGLU and sampling as memory-bound passes",
     "host_overhead": "host seconds per step (vLLM RFC #6854: ~4 ms)",
+    "host_per_request": "host seconds per sequence in a step (TensorRT-LLM PR #10273: 45 ms for 1,536)",
     "overlap": "host work of the next step overlaps the GPU step (TensorRT-LLM, SGLang, vLLM V1)",
     "activation_memory": "reserve the activations of a token_budget step before sizing the KV pool",
+    "unquantized_head": "with --dtype-bytes 1, keep the LM head and embedding in bf16 (ModelOpt's FP8 recipe)",
 }
 
 

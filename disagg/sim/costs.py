@@ -8,6 +8,7 @@ its kernels, each a roofline time ``max(FLOPs / compute, bytes / bandwidth)`` wi
 
     gpu  = launches + gemm(T) + elementwise(T) + prefill_attention(chunks) + decode_attention(B, Σ context)
            + allreduce(T)
+    host = host_overhead + host_per_request · (B + chunks)
     step = max(gpu, host) with an overlapping scheduler, gpu + host without
 
 with T = B + Σ chunk tokens. The GEMMs read their weights once per step whatever T is: that is what batching
@@ -60,9 +61,21 @@ class CostModel:
     - ``host_overhead``: seconds of CPU work per step (scheduling, input preparation, output processing). Default
       4 ms: the GPU bubble per decode step vLLM measured before overlapping it (vLLM RFC #6854, "Multi-Step
       Scheduling", 2024: "about 4ms of GPU bubble" per step, 5-13 ms in general).
+    - ``host_per_request``: seconds of CPU work per sequence in a step, on top of ``host_overhead``: an engine's
+      per-step bookkeeping walks every scheduled request (admission, KV blocks, input metadata, the sampled token,
+      stop checks, the response). Default 26.8 µs: TensorRT-LLM's PyTorch executor took 45.11 ms of host time per
+      iteration with 1,536 requests per rank, in a configuration its authors describe as bound by host overhead
+      (NVIDIA/TensorRT-LLM PR #10273, GB200, GPT-OSS-120B, ISL/OSL 1k/1k, attention DP 2 × max batch 1,536), less
+      the 4 ms per step above: (45.11 − 4) ms / 1,536. It matters only with batches of thousands of short
+      sequences, where the GPU step is short for its batch; it is why a faster-memory device gains nothing there.
     - ``overlap``: the scheduler prepares step n+1 while the GPU runs step n, so a step takes max(GPU, host) instead
       of GPU + host. On by default: TensorRT-LLM's overlap scheduler (on by default, docs "Overlap Scheduler"),
       SGLang's zero-overhead scheduler (v0.4 blog, 2024) and vLLM V1's async scheduling all do this.
+    - ``unquantized_head``: with fp8 weights (``dtype_bytes=1``) the LM head and the embedding table stay bf16, as
+      in the FP8 checkpoints TensorRT-LLM and vLLM serve: NVIDIA's quantization recipe (TensorRT Model Optimizer,
+      ``FP8_DEFAULT_CFG``) disables the quantizers of every ``*lm_head*`` module, and the embedding is a lookup, not
+      a quantized GEMM. The head's GEMM then runs at the bf16 ceiling and reads 2-byte weights (Llama-3-8B: 1.05 of
+      its 16 GFLOP per token at half the fp8 rate), and both tables take 2 bytes per parameter of memory.
     - ``activation_memory``: the KV pool gets what is left after the weights and the activations of the largest
       step (``token_budget`` tokens through a layer: residual and normed hidden states, the gate/up output and
       SwiGLU output in bf16; fp32 logits for ``max_batch`` rows), as engines size it by profiling such a step.
@@ -73,11 +86,13 @@ class CostModel:
     tiles: bool = True
     elementwise: bool = True
     host_overhead: float = 4e-3
+    host_per_request: float = 26.8e-6
     overlap: bool = True
     activation_memory: bool = True
+    unquantized_head: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("kernel_latency", "host_overhead"):
+        for name in ("kernel_latency", "host_overhead", "host_per_request"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name}: must be a finite number of seconds >= 0, got {v!r}")
@@ -86,14 +101,22 @@ class CostModel:
         on = lambda b: "on" if b else "off"
         return (
             f"fp8 GEMMs {on(self.fp8_gemm)}, kernel latency {self.kernel_latency * 1e6:g} µs, tiles "
-            f"{on(self.tiles)}, elementwise {on(self.elementwise)}, host {self.host_overhead * 1e3:g} ms/step "
-            f"({'overlapped' if self.overlap else 'not overlapped'}), activation memory {on(self.activation_memory)}"
+            f"{on(self.tiles)}, elementwise {on(self.elementwise)}, host {self.host_overhead * 1e3:g} ms/step + "
+            f"{self.host_per_request * 1e6:g} µs/request ({'overlapped' if self.overlap else 'not overlapped'}), "
+            f"activation memory {on(self.activation_memory)}, bf16 LM head {on(self.unquantized_head)}"
         )
 
 
 # Every term off: the plain roofline sum, with no fixed costs (the simulator before these terms existed).
 ROOFLINE = CostModel(
-    fp8_gemm=False, kernel_latency=0.0, tiles=False, elementwise=False, host_overhead=0.0, activation_memory=False
+    fp8_gemm=False,
+    kernel_latency=0.0,
+    tiles=False,
+    elementwise=False,
+    host_overhead=0.0,
+    host_per_request=0.0,
+    activation_memory=False,
+    unquantized_head=False,
 )
 
 
@@ -123,6 +146,9 @@ class StepCost:
         e = device.efficiency
         gemm_peak = device.gemm_flops(dtype_bytes if terms.fp8_gemm else 2)
         self.gemm_roof = Roofline(tp * gemm_peak * e.gemm, tp * device.bandwidth * e.gemm)
+        # The LM head's weights, and the GEMM dtype it runs at (see CostModel.unquantized_head).
+        self.head_bytes = 2 if terms.unquantized_head and dtype_bytes == 1 else dtype_bytes
+        self._head_rate = tp * device.gemm_flops(self.head_bytes if terms.fp8_gemm else 2) * e.gemm
         self.prefill_roof = Roofline(
             tp * device.flops * e.prefill_attention, tp * device.bandwidth * e.prefill_attention
         )
@@ -132,9 +158,10 @@ class StepCost:
         # evaluates millions of steps. Tests check them against the direct formulas.
         self._gemm_flops = model.gemm_flops(1, logits=0)  # per token through the layers
         self._head_flops = model.gemm_flops(0, logits=1)  # per row through the LM head
-        self._gemm_bytes0 = model.gemm_bytes(0, dtype_bytes, logits=0)  # the weights
-        self._gemm_bytes1 = model.gemm_bytes(1, dtype_bytes, logits=0) - self._gemm_bytes0
-        self._head_bytes = model.gemm_bytes(0, dtype_bytes, logits=1) - self._gemm_bytes0
+        layer_weights = model.gemm_bytes(0, dtype_bytes, logits=0)
+        self._gemm_bytes0 = layer_weights + model.vocab * model.hidden * (self.head_bytes - dtype_bytes)  # weights
+        self._gemm_bytes1 = model.gemm_bytes(1, dtype_bytes, logits=0) - layer_weights
+        self._head_bytes = (model.gemm_bytes(0, dtype_bytes, logits=1) - layer_weights) * self.head_bytes / dtype_bytes
         self._dec_flops = model.decode_attention_flops(1)
         self._dec_q = model.decode_attention_bytes(1, 0, kv_bytes, dtype_bytes)
         self._dec_kv = model.decode_attention_bytes(1, 1, kv_bytes, dtype_bytes) - self._dec_q
@@ -156,6 +183,14 @@ class StepCost:
         self._ar1 = reduces * device.interconnect.allreduce_time(per_token, tp) - self._ar0
 
     @property
+    def weight_bytes(self) -> float:
+        """Weights in memory (all ``tp`` GPUs together): the layers at ``dtype_bytes``, the embedding and LM-head
+        tables at ``head_bytes``."""
+        m = self.model
+        tables = (1 if m.tied_embeddings else 2) * m.vocab * m.hidden
+        return m.weight_bytes(self.dtype_bytes) + tables * (self.head_bytes - self.dtype_bytes)
+
+    @property
     def kv_bytes_per_token(self) -> float:
         return self.model.kv_bytes_per_token(self.kv_bytes)
 
@@ -171,7 +206,7 @@ class StepCost:
         """Tokens of KV that fit in ``mem_util`` of the memory left after the weights and (with the
         ``activation_memory`` term) the activations of a ``token_budget``-token step with ``max_batch`` logits rows
         (0: the model does not fit)."""
-        free = self.tp * self.device.memory - self.model.weight_bytes(self.dtype_bytes)
+        free = self.tp * self.device.memory - self.weight_bytes
         free -= self.activation_bytes(token_budget, max_batch)
         return max(0, int(mem_util * free // self.kv_bytes_per_token))
 
@@ -185,7 +220,7 @@ class StepCost:
             rows, head_rows = -(-tokens // GEMM_ROWS) * GEMM_ROWS, -(-logits // GEMM_ROWS) * GEMM_ROWS
         else:
             rows, head_rows = tokens, logits
-        compute = (rows * self._gemm_flops + head_rows * self._head_flops) / r.flops
+        compute = rows * self._gemm_flops / r.flops + head_rows * self._head_flops / self._head_rate
         memory = (self._gemm_bytes0 + tokens * self._gemm_bytes1 + logits * self._head_bytes) / r.bandwidth
         return compute if compute > memory else memory
 
@@ -236,6 +271,10 @@ class StepCost:
             time += self._ar0 + tokens * self._ar1
         return time
 
+    def host(self, requests: int) -> float:
+        """The host's work for a step over ``requests`` sequences (see ``CostModel.host_overhead``)."""
+        return self.terms.host_overhead + requests * self.terms.host_per_request
+
     def step(self, batch: int, context_sum: int, chunks: list[tuple[int, int]] = ()) -> float:
         """A step with ``batch`` decode tokens (contexts adding up to ``context_sum``, each counting the token
         being decoded) and prefill ``chunks`` of ``(tokens, past)``. Logits are computed for each decode token and
@@ -243,7 +282,7 @@ class StepCost:
         gpu = self.gpu_step(batch, context_sum, chunks)
         if gpu == 0.0:
             return 0.0
-        host = self.terms.host_overhead
+        host = self.host(batch + len(chunks))
         return max(gpu, host) if self.terms.overlap else gpu + host
 
     def decode_run(self, batch: int, context_sum: int, steps: int) -> tuple[int, float, float]:
@@ -254,7 +293,7 @@ class StepCost:
         the other side)."""
         r = self.decode_roof
         gpu = self.gpu_step(batch, context_sum)
-        host = self.terms.host_overhead
+        host = self.host(batch)
         if not self.terms.overlap:
             first = gpu + host
         else:

@@ -60,7 +60,7 @@ def _pool(
     if pages == 0:
         raise ValueError(
             f"deployment: {model.name} does not fit {pool.describe()} with mem_util {serving.mem_util} "
-            f"({model.weight_bytes(serving.dtype_bytes) / 1e9:.0f} GB of weights): raise tp"
+            f"({cost.weight_bytes / 1e9:.0f} GB of weights): raise tp"
         )
     return [
         Instance(
