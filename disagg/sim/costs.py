@@ -66,8 +66,9 @@ class CostModel:
       stop checks, the response). Default 26.8 µs: TensorRT-LLM's PyTorch executor took 45.11 ms of host time per
       iteration with 1,536 requests per rank, in a configuration its authors describe as bound by host overhead
       (NVIDIA/TensorRT-LLM PR #10273, GB200, GPT-OSS-120B, ISL/OSL 1k/1k, attention DP 2 × max batch 1,536), less
-      the 4 ms per step above: (45.11 − 4) ms / 1,536. It matters only with batches of thousands of short
-      sequences, where the GPU step is short for its batch; it is why a faster-memory device gains nothing there.
+      the 4 ms per step above: (45.11 − 4) ms / 1,536. It binds where a step's GPU time per sequence is short:
+      large batches at short contexts (a decode step of 4,096 sequences needs 114 ms of host, more than Llama-3-8B
+      in fp8 takes on an H100 or an H200 at context 200), where a faster-memory device then gains nothing.
     - ``overlap``: the scheduler prepares step n+1 while the GPU runs step n, so a step takes max(GPU, host) instead
       of GPU + host. On by default: TensorRT-LLM's overlap scheduler (on by default, docs "Overlap Scheduler"),
       SGLang's zero-overhead scheduler (v0.4 blog, 2024) and vLLM V1's async scheduling all do this.
