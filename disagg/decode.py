@@ -28,6 +28,8 @@ from __future__ import annotations
 import time
 from itertools import count
 
+import torch
+
 from disagg.errors import RequestError
 from disagg.export import read_export
 from disagg.kv_pool import KVPool, check_count
@@ -158,8 +160,8 @@ class DecodeStage(GeneratingStage):
             shared += 1
         skip = shared * page
         slots = pool.slots(seq.key, skip, n)
-        for layer in range(pool.num_layers):
-            pool.load_tokens(layer, slots, export.k[layer][skip:], export.v[layer][skip:])
+        kv = torch.stack([torch.stack((k[skip:], v[skip:])) for k, v in zip(export.k, export.v, strict=True)])
+        pool.load_all_tokens(slots, kv)  # one host-to-device copy of every layer
         seq.export.k, seq.export.v = [], []  # the pool holds them now
         seq.num_computed = n
         self.scheduler.publish(seq, skip, n)

@@ -87,6 +87,7 @@ class KVPool:
         self._refs = [0] * num_pages  # sequences holding each page
         self.prefix_cache = PrefixCache() if prefix_cache else None
         self._salt = repr((cache_salt, str(dtype), self.kv_scale, page_size)).encode()
+        self.workspace = kernels.Workspace(device)  # split-KV scratch shared by the kernel plans of every step
 
     # --- allocation ---------------------------------------------------------------------------------------------
     @property
@@ -234,18 +235,21 @@ class KVPool:
         """Store freshly computed k, v (tokens, num_kv_heads, head_dim) at ``slots`` (quantized for fp8)."""
         kernels.write_kv_cache(k, v, self.k[layer], self.v[layer], slots, k_scale=self._scale, v_scale=self._scale)
 
-    def read_tokens(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored K, V of ``slots`` as token-major (tokens, num_kv_heads, head_dim) tensors in the cache dtype."""
+    def gather_tokens(self, slots: torch.Tensor) -> torch.Tensor:
+        """The stored K and V of ``slots`` in every layer as one tensor (num_layers, 2, tokens, num_kv_heads,
+        head_dim) in the cache dtype on the pool's device (k of layer i at [i, 0], v at [i, 1]), so a caller
+        copies all of it to the host at once."""
         idx = slots.to(self.device)
-        return self._as_cache(self._slots_view(self.k[layer])[idx]), self._as_cache(
-            self._slots_view(self.v[layer])[idx]
-        )
+        rows = [self._slots_view(c)[idx] for layer in range(self.num_layers) for c in (self.k[layer], self.v[layer])]
+        return self._as_cache(torch.stack(rows).unflatten(0, (self.num_layers, 2)))
 
-    def load_tokens(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store K, V already in the cache dtype (an imported export) at ``slots``, bit for bit."""
-        idx = slots.to(self.device)
-        self._slots_view(self.k[layer])[idx] = self._slots_view(k.to(self.device))
-        self._slots_view(self.v[layer])[idx] = self._slots_view(v.to(self.device))
+    def load_all_tokens(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Store ``kv`` (num_layers, 2, tokens, num_kv_heads, head_dim), every layer's K and V already in the cache
+        dtype (an imported export), at ``slots``, bit for bit; a host ``kv`` is copied to the device at once."""
+        idx, kv = slots.to(self.device), kv.to(self.device)
+        for layer in range(self.num_layers):
+            self._slots_view(self.k[layer])[idx] = self._slots_view(kv[layer, 0])
+            self._slots_view(self.v[layer])[idx] = self._slots_view(kv[layer, 1])
 
     def _slots_view(self, t: torch.Tensor) -> torch.Tensor:
         """(slots, num_kv_heads, head_dim) view of a cache or of token-major K/V; fp8 is viewed as its bytes, since
