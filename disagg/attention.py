@@ -23,6 +23,7 @@ host reads of a step do not grow with the number of layers.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,14 @@ import torch
 
 import kernels
 from disagg.kv_pool import KVPool
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` (a fresh CPU tensor) on ``device``: through pinned memory without waiting on CUDA (the caching host
+    allocator keeps the pinned block until the copy is done), as is on CPU."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -44,6 +53,7 @@ class StepBatch:
     tokens after the decode rows, chunk_seq_lens int32 (chunks,) tokens in the pool once the chunk is written,
     max_seqlen_q: the longest chunk.
     decode_lens, query_lens, chunk_lens: the same lengths on the host (what the plans are made from).
+    input_ids: int64 (tokens,) the new tokens' ids, when :meth:`build` was given them.
     """
 
     pool: KVPool
@@ -60,6 +70,7 @@ class StepBatch:
     decode_lens: list[int] = field(default_factory=list)
     query_lens: list[int] = field(default_factory=list)
     chunk_lens: list[int] = field(default_factory=list)
+    input_ids: torch.Tensor | None = None
     _plans: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -70,35 +81,58 @@ class StepBatch:
         chunks: Sequence[tuple[Hashable, int, int]] = (),
         *,
         num_splits: int | None = None,
+        input_ids: Sequence[int] | None = None,
     ) -> StepBatch:
         """decode: (sequence, position of its new token); chunks: (sequence, start, end) prompt token ranges. The
-        sequences' pages must already cover every position. Host work is O(tokens + pages of these sequences)."""
-        device = pool.device
+        sequences' pages must already cover every position. ``input_ids`` (one per new token), when given, travel
+        with the rest as :attr:`input_ids`. Host work is O(tokens); the block tables are gathered on the device
+        from the pool's persistent one (:attr:`KVPool.blocks`), and everything else goes host→device in ONE copy
+        (from pinned memory on CUDA, not waiting for it)."""
         spans = [(s, p, p + 1) for s, p in decode] + list(chunks)
-        positions = [torch.arange(a, b, dtype=torch.int64) for _, a, b in spans]
-        slots = [pool.slots(s, a, b) for s, a, b in spans]
-        empty = torch.empty(0, dtype=torch.int64)
-
-        def lengths(rows):
-            return torch.tensor([b for _, _, b in rows], dtype=torch.int32).to(device)
-
         dec, chk = spans[: len(decode)], spans[len(decode) :]
-        cu = torch.tensor([0, *(b - a for _, a, b in chk)], dtype=torch.int64).cumsum(0)
+        decode_lens, query_lens, chunk_lens = [b for _, _, b in dec], [b - a for _, a, b in chk], [b for _, _, b in chk]
+        tokens = len(dec) + sum(query_lens)
+        if input_ids is not None and len(input_ids) != tokens:
+            raise ValueError(f"input_ids must have one id per new token ({tokens}), got {len(input_ids)}")
+
+        # every field in one host buffer: the int64 ones, then the int32 ones (cast on the device)
+        def longs(values) -> torch.Tensor:
+            return torch.tensor(list(values), dtype=torch.int64)
+
+        wide = {
+            "positions": [longs(p for _, p in decode), *(torch.arange(a, b) for _, a, b in chk)],
+            "slots": [longs(pool.slot(s, p) for s, p in decode), *(pool.slots(s, a, b) for s, a, b in chk)],
+            "input_ids": [longs(input_ids or ())],
+            "decode_rows": [longs(pool.blocks.rows([s for s, _ in decode]))],
+            "chunk_rows": [longs(pool.blocks.rows([s for s, _, _ in chk]))],
+        }
+        narrow = {
+            "decode_seq_lens": decode_lens,
+            "cu_seqlens_q": [0, *itertools.accumulate(query_lens)] if chk else [],
+            "chunk_seq_lens": chunk_lens,
+        }
+        parts = [torch.cat(v) for v in wide.values()] + [longs(v) for v in narrow.values()]
+        sizes = [len(t) for t in parts]
+        flat = to_device(torch.cat(parts), pool.device)
+        n_wide = sum(sizes[: len(wide)])
+        dev = dict(zip(wide, flat[:n_wide].split(sizes[: len(wide)]), strict=True))
+        dev |= zip(narrow, flat[n_wide:].to(torch.int32).split(sizes[len(wide) :]), strict=True)
         return cls(
             pool=pool,
-            positions=torch.cat(positions or [empty]).to(device),
-            slots=torch.cat(slots or [empty]).to(device),
+            positions=dev["positions"],
+            slots=dev["slots"],
             num_decode=len(dec),
-            decode_block_table=pool.block_table([s for s, _, _ in dec]) if dec else None,
-            decode_seq_lens=lengths(dec) if dec else None,
+            decode_block_table=pool.blocks.gather(dev["decode_rows"]) if dec else None,
+            decode_seq_lens=dev["decode_seq_lens"] if dec else None,
             num_splits=num_splits,
-            chunk_block_table=pool.block_table([s for s, _, _ in chk]) if chk else None,
-            cu_seqlens_q=cu.to(device=device, dtype=torch.int32) if chk else None,
-            chunk_seq_lens=lengths(chk) if chk else None,
-            max_seqlen_q=max((b - a for _, a, b in chk), default=0),
-            decode_lens=[b for _, _, b in dec],
-            query_lens=[b - a for _, a, b in chk],
-            chunk_lens=[b for _, _, b in chk],
+            chunk_block_table=pool.blocks.gather(dev["chunk_rows"]) if chk else None,
+            cu_seqlens_q=dev["cu_seqlens_q"] if chk else None,
+            chunk_seq_lens=dev["chunk_seq_lens"] if chk else None,
+            max_seqlen_q=max(query_lens, default=0),
+            decode_lens=decode_lens,
+            query_lens=query_lens,
+            chunk_lens=chunk_lens,
+            input_ids=dev["input_ids"] if input_ids is not None else None,
         )
 
     def plans(self, num_q_heads: int, q_dtype: torch.dtype, window: int | None) -> StepPlans:

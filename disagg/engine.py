@@ -59,6 +59,7 @@ def make_pool(
         page_size=page_size,
         dtype=kv_dtype or model.dtype,
         device=model.device,
+        max_seq_tokens=c.max_position_embeddings,
         prefix_cache=prefix_cache,
         cache_salt=json.dumps(fingerprint(model), sort_keys=True).encode(),
     )

@@ -38,8 +38,9 @@ def run_step(
         [(s.key, s.num_computed) for s in step.decode],
         [(s.key, a, b) for s, a, b in step.chunks],
         num_splits=num_splits,
+        input_ids=ids,
     )
-    hidden = model(torch.tensor(ids, dtype=torch.int64, device=device), batch.positions, batch)
+    hidden = model(batch.input_ids, batch.positions, batch)
     rows, seqs, indices = list(range(len(step.decode))), list(step.decode), [len(s.output_ids) for s in step.decode]
     offset = len(step.decode)
     for seq, a, b in step.chunks:
@@ -50,7 +51,9 @@ def run_step(
             indices.append(0)
     tokens = []
     if rows:
-        logits = model.logits(hidden[torch.tensor(rows, device=device)])
+        # decode rows are the first rows: a slice, not an index tensor to copy to the device
+        picked = hidden[: len(rows)] if rows[-1] == len(rows) - 1 else hidden[torch.tensor(rows, device=device)]
+        logits = model.logits(picked)
         tokens = sample(logits, [s.sampling for s in seqs], indices)
     now = time.perf_counter()
 
