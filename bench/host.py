@@ -13,7 +13,8 @@ Two parts:
   once per step; ``run``: one layer's call with it; ``run, out=``: the same into a preallocated output). Timed with the thread's CPU clock (``time.thread_time_ns``: other processes on a shared machine do not
   inflate it) and the wall clock; median over rounds of many calls.
 - **engine**: :class:`disagg.engine.Engine` decode steps of a 32-layer model with Llama-8B's attention geometry,
-  kernels stubbed, batch 1 and 64: CPU time per step, and how much of it is spent inside ``kernels``' API. The
+  kernels stubbed, batch 1 and 64: CPU time per step, and how much of it is spent inside ``kernels``' API (the
+  engine makes one set of plans per step and runs them in every layer: ``calls`` counts plans made and runs). The
   model's hidden and MLP sizes are shrunk to 16 and the vocabulary is the tiny model's 258, so on CPU its
   arithmetic stays small next to the host work (on a GPU it would run asynchronously anyway); the step time still
   includes that arithmetic on CPU.
@@ -251,9 +252,11 @@ def engine_model(num_layers: int = 32):
 
 @contextlib.contextmanager
 def _timed_api(spent: list[int], calls: list[int]) -> Iterator[None]:
-    """Accumulate the CPU time spent inside ``kernels``' public functions (as the engine reaches them)."""
+    """Accumulate the CPU time spent inside ``kernels``' public API as the engine reaches it: the one-call
+    functions, making plans, and the plans' ``run``."""
     names = [n for n in kernels.__all__ if callable(getattr(kernels, n)) and not n.startswith(("set_", "debug"))]
-    saved = {n: getattr(kernels, n) for n in names}
+    plans = [getattr(kernels, n) for n in names if n.endswith("Plan")]
+    saved = [(kernels, n, getattr(kernels, n)) for n in names] + [(cls, "run", cls.run) for cls in plans]
 
     def timed(fn):
         def call(*args, **kwargs):
@@ -266,13 +269,13 @@ def _timed_api(spent: list[int], calls: list[int]) -> Iterator[None]:
 
         return call
 
-    for n, fn in saved.items():
-        setattr(kernels, n, timed(fn))
+    for owner, name, fn in saved:
+        setattr(owner, name, timed(fn))
     try:
         yield
     finally:
-        for n, fn in saved.items():
-            setattr(kernels, n, fn)
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
 
 
 def measure_engine(batch: int, *, prompt_len: int, steps: int, model) -> dict[str, Any]:

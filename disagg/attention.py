@@ -52,7 +52,8 @@ class StepBatch:
     chunk_block_table int32 (chunks, pages), cu_seqlens_q int32 (chunks + 1,) offsets of the chunks among the
     tokens after the decode rows, chunk_seq_lens int32 (chunks,) tokens in the pool once the chunk is written,
     max_seqlen_q: the longest chunk.
-    decode_lens, query_lens, chunk_lens: the same lengths on the host (what the plans are made from).
+    decode_lens, query_lens, chunk_lens: the same lengths on the host (what the plans are made from; decode_lens
+    holds the bound instead when :meth:`build` was given ``decode_bound``).
     input_ids: int64 (tokens,) the new tokens' ids, when :meth:`build` was given them.
     """
 
@@ -82,32 +83,45 @@ class StepBatch:
         *,
         num_splits: int | None = None,
         input_ids: Sequence[int] | None = None,
+        padding: int = 0,
+        decode_bound: int | None = None,
     ) -> StepBatch:
         """decode: (sequence, position of its new token); chunks: (sequence, start, end) prompt token ranges. The
         sequences' pages must already cover every position. ``input_ids`` (one per new token), when given, travel
         with the rest as :attr:`input_ids`. Host work is O(tokens); the block tables are gathered on the device
         from the pool's persistent one (:attr:`KVPool.blocks`), and everything else goes host→device in ONE copy
-        (from pinned memory on CUDA, not waiting for it)."""
+        (from pinned memory on CUDA, not waiting for it).
+
+        ``padding`` adds that many harmless decode rows after the real ones (a CUDA graph's fixed batch, see
+        :mod:`disagg.cuda_graph`): input id 0 at position 0, slot -1 (the KV write skips it), context length 0
+        (attention reads no page and writes zeros); their outputs mean nothing. ``decode_bound`` plans the decode
+        kernel for contexts of that many tokens in every row instead of the step's own lengths (the split count
+        then stays valid for any later lengths up to the bound: a captured plan replays with new lengths)."""
+        pad = [0] * padding
         spans = [(s, p, p + 1) for s, p in decode] + list(chunks)
         dec, chk = spans[: len(decode)], spans[len(decode) :]
         decode_lens, query_lens, chunk_lens = [b for _, _, b in dec], [b - a for _, a, b in chk], [b for _, _, b in chk]
         tokens = len(dec) + sum(query_lens)
         if input_ids is not None and len(input_ids) != tokens:
             raise ValueError(f"input_ids must have one id per new token ({tokens}), got {len(input_ids)}")
+        num_decode = len(dec) + padding
+        plan_lens = decode_lens + pad if decode_bound is None else [decode_bound] * num_decode
+        ids = [] if input_ids is None else [*input_ids[: len(dec)], *pad, *input_ids[len(dec) :]]
 
         # every field in one host buffer: the int64 ones, then the int32 ones (cast on the device)
         def longs(values) -> torch.Tensor:
             return torch.tensor(list(values), dtype=torch.int64)
 
         wide = {
-            "positions": [longs(p for _, p in decode), *(torch.arange(a, b) for _, a, b in chk)],
-            "slots": [longs(pool.slot(s, p) for s, p in decode), *(pool.slots(s, a, b) for s, a, b in chk)],
-            "input_ids": [longs(input_ids or ())],
-            "decode_rows": [longs(pool.blocks.rows([s for s, _ in decode]))],
+            "positions": [longs([p for _, p in decode] + pad), *(torch.arange(a, b) for _, a, b in chk)],
+            "slots": [longs([pool.slot(s, p) for s, p in decode] + [-1] * padding)]
+            + [pool.slots(s, a, b) for s, a, b in chk],
+            "input_ids": [longs(ids)],
+            "decode_rows": [longs(pool.blocks.rows([s for s, _ in decode]) + pad)],
             "chunk_rows": [longs(pool.blocks.rows([s for s, _, _ in chk]))],
         }
         narrow = {
-            "decode_seq_lens": decode_lens,
+            "decode_seq_lens": decode_lens + pad,
             "cu_seqlens_q": [0, *itertools.accumulate(query_lens)] if chk else [],
             "chunk_seq_lens": chunk_lens,
         }
@@ -121,15 +135,15 @@ class StepBatch:
             pool=pool,
             positions=dev["positions"],
             slots=dev["slots"],
-            num_decode=len(dec),
-            decode_block_table=pool.blocks.gather(dev["decode_rows"]) if dec else None,
-            decode_seq_lens=dev["decode_seq_lens"] if dec else None,
+            num_decode=num_decode,
+            decode_block_table=pool.blocks.gather(dev["decode_rows"]) if num_decode else None,
+            decode_seq_lens=dev["decode_seq_lens"] if num_decode else None,
             num_splits=num_splits,
             chunk_block_table=pool.blocks.gather(dev["chunk_rows"]) if chk else None,
             cu_seqlens_q=dev["cu_seqlens_q"] if chk else None,
             chunk_seq_lens=dev["chunk_seq_lens"] if chk else None,
             max_seqlen_q=max(query_lens, default=0),
-            decode_lens=decode_lens,
+            decode_lens=plan_lens,
             query_lens=query_lens,
             chunk_lens=chunk_lens,
             input_ids=dev["input_ids"] if input_ids is not None else None,

@@ -45,7 +45,8 @@ __all__ = ["DecodeStage", "reserved_tokens"]
 class DecodeStage(GeneratingStage):
     """Decode with ``model`` from ``pool``, at most ``max_batch_size`` sequences per step.
 
-    ``num_splits`` is passed to ``paged_decode_attention`` (None: the kernel picks the split-KV factor).
+    ``num_splits`` is passed to ``paged_decode_attention`` (None: the kernel picks the split-KV factor);
+    ``cuda_graph``: steps replay CUDA graphs when the pool is on CUDA (:mod:`disagg.cuda_graph`).
     """
 
     def __init__(
@@ -56,9 +57,16 @@ class DecodeStage(GeneratingStage):
         max_batch_size: int = 64,
         metrics: Metrics | None = None,
         num_splits: int | None = None,
+        cuda_graph: bool = True,
     ):
         super().__init__(
-            model, pool, max_batch_tokens=None, max_batch_size=max_batch_size, num_splits=num_splits, metrics=metrics
+            model,
+            pool,
+            max_batch_tokens=None,
+            max_batch_size=max_batch_size,
+            num_splits=num_splits,
+            metrics=metrics,
+            cuda_graph=cuda_graph,
         )
         self._reserved: dict[str, tuple[int, int]] = {}  # request id -> (pool key, tokens reserved)
         self._keys = count()

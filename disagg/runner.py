@@ -15,6 +15,7 @@ import time
 import torch
 
 from disagg.attention import StepBatch
+from disagg.cuda_graph import DecodeGraphs
 from disagg.kv_pool import KVPool, check_count
 from disagg.metrics import Metrics
 from disagg.model import CausalLM
@@ -24,23 +25,22 @@ from disagg.scheduler import Scheduler, Sequence, Step
 
 
 def run_step(
-    model: CausalLM, scheduler: Scheduler, step: Step, metrics: Metrics, *, num_splits: int | None = None
+    model: CausalLM,
+    scheduler: Scheduler,
+    step: Step,
+    metrics: Metrics,
+    *,
+    num_splits: int | None = None,
+    graphs: DecodeGraphs | None = None,
 ) -> list[Sequence]:
     """Run ``step``; returns the sequences that got a new token (decode rows, and chunks that finished their
-    prompt: their first token), in row order. Records tokens and time into ``metrics``."""
+    prompt: their first token), in row order. Records tokens and time into ``metrics``. A decode-only step that
+    fits ``graphs``' buckets runs through them (:mod:`disagg.cuda_graph`)."""
     start = time.perf_counter()
-    device = model.device
     ids = [s.output_ids[-1] for s in step.decode]
     for seq, a, b in step.chunks:
         ids += seq.prompt_ids[a:b]
-    batch = StepBatch.build(
-        scheduler.pool,
-        [(s.key, s.num_computed) for s in step.decode],
-        [(s.key, a, b) for s, a, b in step.chunks],
-        num_splits=num_splits,
-        input_ids=ids,
-    )
-    hidden = model(batch.input_ids, batch.positions, batch)
+    decode = [(s.key, s.num_computed) for s in step.decode]
     rows, seqs, indices = list(range(len(step.decode))), list(step.decode), [len(s.output_ids) for s in step.decode]
     offset = len(step.decode)
     for seq, a, b in step.chunks:
@@ -49,12 +49,11 @@ def run_step(
             rows.append(offset - 1)
             seqs.append(seq)
             indices.append(0)
-    tokens = []
-    if rows:
-        # decode rows are the first rows: a slice, not an index tensor to copy to the device
-        picked = hidden[: len(rows)] if rows[-1] == len(rows) - 1 else hidden[torch.tensor(rows, device=device)]
-        logits = model.logits(picked)
-        tokens = sample(logits, [s.sampling for s in seqs], indices)
+    if graphs is not None and not step.chunks and graphs.fits(len(decode)):
+        logits = graphs.logits(decode, ids)
+    else:
+        logits = _eager_logits(model, scheduler.pool, decode, step.chunks, ids, rows, num_splits)
+    tokens = sample(logits, [s.sampling for s in seqs], indices) if rows else []
     now = time.perf_counter()
 
     for seq in step.decode:
@@ -70,10 +69,31 @@ def run_step(
     return seqs
 
 
+def _eager_logits(
+    model: CausalLM,
+    pool: KVPool,
+    decode: list[tuple[int, int]],
+    chunks: list[tuple[Sequence, int, int]],
+    ids: list[int],
+    rows: list[int],
+    num_splits: int | None,
+) -> torch.Tensor | None:
+    """One eager forward of a step; float32 logits of its token ``rows`` (None when there are none)."""
+    batch = StepBatch.build(pool, decode, [(s.key, a, b) for s, a, b in chunks], num_splits=num_splits, input_ids=ids)
+    hidden = model(batch.input_ids, batch.positions, batch)
+    if not rows:
+        return None
+    # decode rows are the first rows: a slice, not an index tensor to copy to the device
+    picked = hidden[: len(rows)] if rows[-1] == len(rows) - 1 else hidden[torch.tensor(rows, device=model.device)]
+    return model.logits(picked)
+
+
 class GeneratingStage:
     """What the decode stage and the colocated stage share: a scheduler with decode rows, at most
     ``max_batch_size`` sequences at once, and a step that runs, samples and retires finished requests.
-    ``num_splits`` is passed to ``paged_decode_attention`` (None: the kernel picks the split-KV factor)."""
+    ``num_splits`` is passed to ``paged_decode_attention`` (None: the kernel picks the split-KV factor).
+    ``cuda_graph``: decode-only steps replay CUDA graphs per batch bucket when the pool is on CUDA
+    (:mod:`disagg.cuda_graph`; a no-op elsewhere)."""
 
     def __init__(
         self,
@@ -84,6 +104,7 @@ class GeneratingStage:
         max_batch_size: int,
         num_splits: int | None,
         metrics: Metrics | None,
+        cuda_graph: bool = True,
     ):
         check_count("max_batch_size", max_batch_size, 1)
         self.model, self.pool, self.max_batch_size = model, pool, max_batch_size
@@ -93,6 +114,12 @@ class GeneratingStage:
             pool, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, decode=True, on_import=self._import
         )
         self._done: list[RequestOutput] = []
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+        on_cuda = cuda_graph and pool.device.type == "cuda"
+        self.graphs = (
+            DecodeGraphs(model, pool, max_batch_size=max_batch_size, num_splits=self.num_splits) if on_cuda else None
+        )
 
     @property
     def has_work(self) -> bool:
@@ -116,7 +143,7 @@ class GeneratingStage:
         done, self._done = self._done, []
         if not step:
             return done
-        seqs = run_step(self.model, self.scheduler, step, self.metrics, num_splits=self.num_splits)
+        seqs = run_step(self.model, self.scheduler, step, self.metrics, num_splits=self.num_splits, graphs=self.graphs)
         for seq in seqs:
             if len(seq.output_ids) == 1:  # its prompt was computed here and is done
                 self.metrics.prompt_tokens += len(seq.prompt_ids)
