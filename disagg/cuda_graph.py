@@ -22,7 +22,7 @@ step computes eagerly.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +69,9 @@ class DecodeGraphs:
     """The decode steps of ``model`` over ``pool`` in buckets up to ``max_batch_size`` rows (see the module
     docstring). ``num_splits``: the decode kernel's split count in every bucket (None: chosen per bucket for the
     pool's longest context). ``capture``: record CUDA graphs (default: when the pool is on CUDA); without it the
-    same padded static steps run eagerly (what CPU tests check the padding with)."""
+    same padded static steps run eagerly (what CPU tests check the padding with). ``forward``: what a step runs,
+    batch → logits of every row (default :func:`forward_logits`; the engine passes its compiled step when it has
+    one, :mod:`disagg.compiled`)."""
 
     def __init__(
         self,
@@ -79,8 +81,10 @@ class DecodeGraphs:
         max_batch_size: int,
         num_splits: int | None = None,
         capture: bool | None = None,
+        forward: Callable[[StepBatch], torch.Tensor] | None = None,
     ):
         self.model, self.pool, self.num_splits = model, pool, num_splits
+        self.forward = forward or (lambda batch: forward_logits(model, batch))
         self.sizes = bucket_sizes(max_batch_size)
         self.capture = pool.device.type == "cuda" if capture is None else capture
         if self.capture and pool.device.type != "cuda":
@@ -108,13 +112,13 @@ class DecodeGraphs:
         bucket = self._buckets.get(size)
         if bucket is None:  # the bucket's first step: eager on what become the static tensors (warm-up), then capture
             bucket = self._buckets[size] = _Bucket(step)
-            logits = forward_logits(self.model, step)
+            logits = self.forward(step)
             if self.capture:
                 self._capture(bucket)
             return logits[:n]
         bucket.load(step)
         if bucket.graph is None:
-            return forward_logits(self.model, bucket.batch)[:n]
+            return self.forward(bucket.batch)[:n]
         bucket.graph.replay()
         return bucket.logits[:n]
 
@@ -124,4 +128,4 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.pool.device)
         bucket.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(bucket.graph):
-            bucket.logits = forward_logits(self.model, bucket.batch)
+            bucket.logits = self.forward(bucket.batch)

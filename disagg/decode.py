@@ -46,7 +46,8 @@ class DecodeStage(GeneratingStage):
     """Decode with ``model`` from ``pool``, at most ``max_batch_size`` sequences per step.
 
     ``num_splits`` is passed to ``paged_decode_attention`` (None: the kernel picks the split-KV factor);
-    ``cuda_graph``: steps replay CUDA graphs when the pool is on CUDA (:mod:`disagg.cuda_graph`).
+    ``cuda_graph``: steps replay CUDA graphs when the pool is on CUDA (:mod:`disagg.cuda_graph`); ``compile``:
+    steps run under ``torch.compile(fullgraph=True)`` (:mod:`disagg.compiled`).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class DecodeStage(GeneratingStage):
         metrics: Metrics | None = None,
         num_splits: int | None = None,
         cuda_graph: bool = True,
+        compile: bool | str = False,
     ):
         super().__init__(
             model,
@@ -67,6 +69,7 @@ class DecodeStage(GeneratingStage):
             num_splits=num_splits,
             metrics=metrics,
             cuda_graph=cuda_graph,
+            compile=compile,
         )
         self._reserved: dict[str, tuple[int, int]] = {}  # request id -> (pool key, tokens reserved)
         self._keys = count()

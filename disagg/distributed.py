@@ -184,7 +184,9 @@ def _start(args, layout: Layout, rank: int, device, payload_device, log) -> tupl
     else:
         node = DecodeRank(
             *common,
-            stage=DecodeStage(model, pool, max_batch_size=args.max_batch_size, cuda_graph=not args.no_cuda_graph),
+            stage=DecodeStage(
+                model, pool, max_batch_size=args.max_batch_size, cuda_graph=not args.no_cuda_graph, compile=args.compile
+            ),
             meta=meta,
         )
         log(where)

@@ -80,6 +80,8 @@ class Engine:
         prefix_cache: reuse cached pages of earlier prompts (and, on the decode side, of earlier turns).
         cuda_graph: on CUDA, replay decode-only steps from CUDA graphs captured per batch-size bucket
             (:mod:`disagg.cuda_graph`); no effect on CPU.
+        compile: run decode steps under ``torch.compile(fullgraph=True)`` (:mod:`disagg.compiled`): True for
+            inductor, or the name of another backend (e.g. "aot_eager"); same tokens as eager.
     Every argument is checked here: a bad one raises TypeError / ValueError naming it.
     """
 
@@ -98,6 +100,7 @@ class Engine:
         num_splits: int | None = None,
         prefix_cache: bool = True,
         cuda_graph: bool = True,
+        compile: bool | str = False,
     ):
         if not isinstance(model, CausalLM):
             raise TypeError(f"model must be a disagg CausalLM (see disagg.load_model), got {type(model).__name__}")
@@ -118,6 +121,8 @@ class Engine:
         for name, flag in (("prefix_cache", prefix_cache), ("cuda_graph", cuda_graph)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if not isinstance(compile, (bool, str)):
+            raise TypeError(f"compile must be a bool or a torch.compile backend name, got {compile!r}")
         self.model, self.mode = model, mode
         self.metrics = Metrics()
         pool = make_pool(model, page_size=page_size, num_pages=num_pages, kv_dtype=kv_dtype, prefix_cache=prefix_cache)
@@ -129,6 +134,7 @@ class Engine:
                 max_batch_size=max_batch_size,
                 num_splits=num_splits,
                 cuda_graph=cuda_graph,
+                compile=compile,
             )
             self.pools = [pool]
             return
@@ -141,7 +147,12 @@ class Engine:
         )
         self.prefill = PrefillStage(model, pool, max_batch_tokens=max_batch_tokens)
         self.decode = DecodeStage(
-            model, decode_pool, max_batch_size=max_batch_size, num_splits=num_splits, cuda_graph=cuda_graph
+            model,
+            decode_pool,
+            max_batch_size=max_batch_size,
+            num_splits=num_splits,
+            cuda_graph=cuda_graph,
+            compile=compile,
         )
         self.pools = [pool, decode_pool]
 

@@ -15,6 +15,7 @@ import time
 import torch
 
 from disagg.attention import StepBatch
+from disagg.compiled import CompiledDecode
 from disagg.cuda_graph import DecodeGraphs
 from disagg.kv_pool import KVPool, check_count
 from disagg.metrics import Metrics
@@ -32,10 +33,12 @@ def run_step(
     *,
     num_splits: int | None = None,
     graphs: DecodeGraphs | None = None,
+    compiled: CompiledDecode | None = None,
 ) -> list[Sequence]:
     """Run ``step``; returns the sequences that got a new token (decode rows, and chunks that finished their
     prompt: their first token), in row order. Records tokens and time into ``metrics``. A decode-only step that
-    fits ``graphs``' buckets runs through them (:mod:`disagg.cuda_graph`)."""
+    fits ``graphs``' buckets runs through them (:mod:`disagg.cuda_graph`); other decode-only steps run the
+    ``compiled`` forward when there is one (:mod:`disagg.compiled`)."""
     start = time.perf_counter()
     ids = [s.output_ids[-1] for s in step.decode]
     for seq, a, b in step.chunks:
@@ -52,7 +55,7 @@ def run_step(
     if graphs is not None and not step.chunks and graphs.fits(len(decode)):
         logits = graphs.logits(decode, ids)
     else:
-        logits = _eager_logits(model, scheduler.pool, decode, step.chunks, ids, rows, num_splits)
+        logits = _eager_logits(model, scheduler.pool, decode, step.chunks, ids, rows, num_splits, compiled)
     tokens = sample(logits, [s.sampling for s in seqs], indices) if rows else []
     now = time.perf_counter()
 
@@ -77,9 +80,13 @@ def _eager_logits(
     ids: list[int],
     rows: list[int],
     num_splits: int | None,
+    compiled: CompiledDecode | None,
 ) -> torch.Tensor | None:
-    """One eager forward of a step; float32 logits of its token ``rows`` (None when there are none)."""
+    """One forward of a step without graphs (compiled when it is decode-only and ``compiled`` is given); float32
+    logits of its token ``rows`` (None when there are none)."""
     batch = StepBatch.build(pool, decode, [(s.key, a, b) for s, a, b in chunks], num_splits=num_splits, input_ids=ids)
+    if compiled is not None and not chunks:
+        return compiled.logits(batch)
     hidden = model(batch.input_ids, batch.positions, batch)
     if not rows:
         return None
@@ -93,7 +100,8 @@ class GeneratingStage:
     ``max_batch_size`` sequences at once, and a step that runs, samples and retires finished requests.
     ``num_splits`` is passed to ``paged_decode_attention`` (None: the kernel picks the split-KV factor).
     ``cuda_graph``: decode-only steps replay CUDA graphs per batch bucket when the pool is on CUDA
-    (:mod:`disagg.cuda_graph`; a no-op elsewhere)."""
+    (:mod:`disagg.cuda_graph`; a no-op elsewhere). ``compile``: decode-only steps run under
+    ``torch.compile(fullgraph=True)`` (True: inductor; a string: that backend; :mod:`disagg.compiled`)."""
 
     def __init__(
         self,
@@ -105,6 +113,7 @@ class GeneratingStage:
         num_splits: int | None,
         metrics: Metrics | None,
         cuda_graph: bool = True,
+        compile: bool | str = False,
     ):
         check_count("max_batch_size", max_batch_size, 1)
         self.model, self.pool, self.max_batch_size = model, pool, max_batch_size
@@ -116,10 +125,17 @@ class GeneratingStage:
         self._done: list[RequestOutput] = []
         if not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
-        on_cuda = cuda_graph and pool.device.type == "cuda"
-        self.graphs = (
-            DecodeGraphs(model, pool, max_batch_size=max_batch_size, num_splits=self.num_splits) if on_cuda else None
-        )
+        if not isinstance(compile, (bool, str)):
+            raise TypeError(f"compile must be a bool or a torch.compile backend name, got {compile!r}")
+        self.compiled = None
+        if compile:
+            self.compiled = CompiledDecode(model, pool, backend="inductor" if compile is True else compile)
+        forward = self.compiled.logits if self.compiled is not None else None
+        self.graphs = None
+        if cuda_graph and pool.device.type == "cuda":
+            self.graphs = DecodeGraphs(
+                model, pool, max_batch_size=max_batch_size, num_splits=self.num_splits, forward=forward
+            )
 
     @property
     def has_work(self) -> bool:
@@ -143,7 +159,10 @@ class GeneratingStage:
         done, self._done = self._done, []
         if not step:
             return done
-        seqs = run_step(self.model, self.scheduler, step, self.metrics, num_splits=self.num_splits, graphs=self.graphs)
+        seqs = run_step(
+            self.model, self.scheduler, step, self.metrics, num_splits=self.num_splits, graphs=self.graphs,
+            compiled=self.compiled,
+        )  # fmt: skip
         for seq in seqs:
             if len(seq.output_ids) == 1:  # its prompt was computed here and is done
                 self.metrics.prompt_tokens += len(seq.prompt_ids)

@@ -102,7 +102,8 @@ def test_cuda_graph_switches():
         Engine(model, cuda_graph="no")
     for command in ("run", "decode", "compare"):
         extra = ["--import-dir", "x"] if command == "decode" else []
-        assert build_parser().parse_args([command, "--no-cuda-graph", *extra]).no_cuda_graph
+        args = build_parser().parse_args([command, "--no-cuda-graph", "--compile", *extra])
+        assert args.no_cuda_graph and args.compile
     if not ON_CUDA:
         with pytest.raises(ValueError, match="CUDA pool"):
             DecodeGraphs(model, make_pool(model, num_pages=4), max_batch_size=2, capture=True)
