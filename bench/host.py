@@ -14,7 +14,8 @@ Two parts:
   inflate it) and the wall clock; median over rounds of many calls.
 - **engine**: :class:`disagg.engine.Engine` decode steps of a 32-layer model with Llama-8B's attention geometry,
   kernels stubbed, batch 1 and 64: CPU time per step, and how much of it is spent inside ``kernels``' API (the
-  engine makes one set of plans per step and runs them in every layer: ``calls`` counts plans made and runs). The
+  engine makes one set of plans per step and runs them in every layer: ``calls`` counts plans made and runs), with
+  CUDA graphs off on a GPU as well (a replay would skip the Python measured here). The
   model's hidden and MLP sizes are shrunk to 16 and the vocabulary is the tiny model's 258, so on CPU its
   arithmetic stays small next to the host work (on a GPU it would run asynchronously anyway); the step time still
   includes that arithmetic on CPU.
@@ -283,7 +284,9 @@ def measure_engine(batch: int, *, prompt_len: int, steps: int, model) -> dict[st
     from disagg.engine import Engine
     from disagg.request import SamplingParams
 
-    engine = Engine(model, max_batch_size=batch, num_pages=batch * (-(-(prompt_len + steps + 1) // PAGE)) + 1)
+    # eager steps, on a GPU too: the plan path's host cost (a CUDA graph replay would skip the Python this times)
+    pages = batch * (-(-(prompt_len + steps + 1) // PAGE)) + 1
+    engine = Engine(model, max_batch_size=batch, num_pages=pages, cuda_graph=False)
     step_cpu, step_wall, api_cpu, api_calls = [], [], [], []
     original = engine.decode.step
     spent, calls = [0], [0]
@@ -363,8 +366,8 @@ def run(
         "method": {
             "launch": "Triton's JITFunction.run / InterpretedFunction.run replaced by a no-op",
             "per_call": f"median over {rounds} rounds of {calls} calls; CPU = time.thread_time_ns of this thread",
-            "engine": "median decode step (the admission step excluded) of Engine.generate, kernels stubbed; "
-            "model: Llama-8B attention geometry and layer count, hidden/MLP 16, vocab 258, float32",
+            "engine": "median decode step (the admission step excluded) of Engine.generate, kernels stubbed, "
+            "CUDA graphs off; model: Llama-8B attention geometry and layer count, hidden/MLP 16, vocab 258, float32",
         },
         "per_call": measure_calls(device, calls=calls, rounds=rounds, log=log),
         "engine": [],
