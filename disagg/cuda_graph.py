@@ -14,10 +14,11 @@ capture), and its logits are that step's answer; the graph is captured right aft
 step on. ``Engine(cuda_graph=False)`` / ``--no-cuda-graph`` runs every step eagerly; on CPU there are no graphs.
 
 What changes with graphs: a bucket's split count is chosen for the pool's longest context (the stage's
-``num_splits`` when it has one), where an eager step chooses from its own lengths, and a padded batch may run
-other GEMM kernels than an unpadded one, so a graph step's logits can differ from an eager step's in the last bits
-(greedy tokens may then differ where two logits tie within rounding). A graph replays exactly what the same padded
-step computes eagerly.
+``num_splits`` when it has one), where an engine without graphs chooses from each step's own lengths (a stage
+with graphs plans the decode rows of its eager steps, those with prompt chunks, the same way, so a row is split
+alike in both kinds of step), and a padded batch may run other GEMM kernels than an unpadded one, so logits can
+differ from a graph-less engine's in the last bits (greedy tokens may then differ where two logits tie within
+rounding). A graph replays exactly what the same padded step computes eagerly.
 """
 
 from __future__ import annotations

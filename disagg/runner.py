@@ -55,7 +55,9 @@ def run_step(
     if graphs is not None and not step.chunks and graphs.fits(len(decode)):
         logits = graphs.logits(decode, ids)
     else:
-        logits = _eager_logits(model, scheduler.pool, decode, step.chunks, ids, rows, num_splits, compiled)
+        # with graphs, eager steps plan their decode rows as the graphs do (same split count for the same batch)
+        bound = scheduler.pool.max_seq_tokens if graphs is not None else None
+        logits = _eager_logits(model, scheduler.pool, decode, step.chunks, ids, rows, num_splits, compiled, bound)
     tokens = sample(logits, [s.sampling for s in seqs], indices) if rows else []
     now = time.perf_counter()
 
@@ -81,10 +83,14 @@ def _eager_logits(
     rows: list[int],
     num_splits: int | None,
     compiled: CompiledDecode | None,
+    decode_bound: int | None,
 ) -> torch.Tensor | None:
     """One forward of a step without graphs (compiled when it is decode-only and ``compiled`` is given); float32
     logits of its token ``rows`` (None when there are none)."""
-    batch = StepBatch.build(pool, decode, [(s.key, a, b) for s, a, b in chunks], num_splits=num_splits, input_ids=ids)
+    batch = StepBatch.build(
+        pool, decode, [(s.key, a, b) for s, a, b in chunks], num_splits=num_splits, input_ids=ids,
+        decode_bound=decode_bound,
+    )  # fmt: skip
     if compiled is not None and not chunks:
         return compiled.logits(batch)
     hidden = model(batch.input_ids, batch.positions, batch)
