@@ -13,7 +13,9 @@ Two parts:
   once per step; ``run``: one layer's call with it; ``run, out=``: the same into a preallocated output). Timed with the thread's CPU clock (``time.thread_time_ns``: other processes on a shared machine do not
   inflate it) and the wall clock; median over rounds of many calls.
 - **engine**: :class:`disagg.engine.Engine` decode steps of a 32-layer model with Llama-8B's attention geometry,
-  kernels stubbed, batch 1 and 64: CPU time per step, and how much of it is spent inside ``kernels``' API. The
+  kernels stubbed, batch 1 and 64: CPU time per step, and how much of it is spent inside ``kernels``' API (the
+  engine makes one set of plans per step and runs them in every layer: ``calls`` counts plans made and runs), with
+  CUDA graphs off on a GPU as well (a replay would skip the Python measured here). The
   model's hidden and MLP sizes are shrunk to 16 and the vocabulary is the tiny model's 258, so on CPU its
   arithmetic stays small next to the host work (on a GPU it would run asynchronously anyway); the step time still
   includes that arithmetic on CPU.
@@ -251,9 +253,11 @@ def engine_model(num_layers: int = 32):
 
 @contextlib.contextmanager
 def _timed_api(spent: list[int], calls: list[int]) -> Iterator[None]:
-    """Accumulate the CPU time spent inside ``kernels``' public functions (as the engine reaches them)."""
+    """Accumulate the CPU time spent inside ``kernels``' public API as the engine reaches it: the one-call
+    functions, making plans, and the plans' ``run``."""
     names = [n for n in kernels.__all__ if callable(getattr(kernels, n)) and not n.startswith(("set_", "debug"))]
-    saved = {n: getattr(kernels, n) for n in names}
+    plans = [getattr(kernels, n) for n in names if n.endswith("Plan")]
+    saved = [(kernels, n, getattr(kernels, n)) for n in names] + [(cls, "run", cls.run) for cls in plans]
 
     def timed(fn):
         def call(*args, **kwargs):
@@ -266,13 +270,13 @@ def _timed_api(spent: list[int], calls: list[int]) -> Iterator[None]:
 
         return call
 
-    for n, fn in saved.items():
-        setattr(kernels, n, timed(fn))
+    for owner, name, fn in saved:
+        setattr(owner, name, timed(fn))
     try:
         yield
     finally:
-        for n, fn in saved.items():
-            setattr(kernels, n, fn)
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
 
 
 def measure_engine(batch: int, *, prompt_len: int, steps: int, model) -> dict[str, Any]:
@@ -280,7 +284,9 @@ def measure_engine(batch: int, *, prompt_len: int, steps: int, model) -> dict[st
     from disagg.engine import Engine
     from disagg.request import SamplingParams
 
-    engine = Engine(model, max_batch_size=batch, num_pages=batch * (-(-(prompt_len + steps + 1) // PAGE)) + 1)
+    # eager steps, on a GPU too: the plan path's host cost (a CUDA graph replay would skip the Python this times)
+    pages = batch * (-(-(prompt_len + steps + 1) // PAGE)) + 1
+    engine = Engine(model, max_batch_size=batch, num_pages=pages, cuda_graph=False)
     step_cpu, step_wall, api_cpu, api_calls = [], [], [], []
     original = engine.decode.step
     spent, calls = [0], [0]
@@ -360,8 +366,8 @@ def run(
         "method": {
             "launch": "Triton's JITFunction.run / InterpretedFunction.run replaced by a no-op",
             "per_call": f"median over {rounds} rounds of {calls} calls; CPU = time.thread_time_ns of this thread",
-            "engine": "median decode step (the admission step excluded) of Engine.generate, kernels stubbed; "
-            "model: Llama-8B attention geometry and layer count, hidden/MLP 16, vocab 258, float32",
+            "engine": "median decode step (the admission step excluded) of Engine.generate, kernels stubbed, "
+            "CUDA graphs off; model: Llama-8B attention geometry and layer count, hidden/MLP 16, vocab 258, float32",
         },
         "per_call": measure_calls(device, calls=calls, rounds=rounds, log=log),
         "engine": [],

@@ -157,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
     for p in (run, decode, comp):
         p.add_argument("--max-batch-size", type=_positive, default=64, help="sequences per decode step")
+        p.add_argument(
+            "--no-cuda-graph",
+            action="store_true",
+            help="run decode steps eagerly (default on CUDA: replay CUDA graphs captured per batch size; CPU: none)",
+        )
+        p.add_argument(
+            "--compile", action="store_true", help="run decode steps under torch.compile (fullgraph, inductor)"
+        )
     for p in (run, comp):
         p.add_argument(
             "--decode-page-size", type=int, choices=PAGE_SIZES, help="decode pool page size (default: --page-size)"
@@ -275,6 +283,8 @@ def _engine_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_batch_size": args.max_batch_size,
         "max_batch_tokens": args.max_batch_tokens,
         "prefix_cache": not args.no_prefix_cache,
+        "cuda_graph": not args.no_cuda_graph,
+        "compile": args.compile,
     }
 
 
@@ -391,7 +401,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
     files = _export_files(args.import_dir)  # before the model loads: a wrong directory fails at once
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     pool = _pool(args, model)
-    stage = DecodeStage(model, pool, max_batch_size=args.max_batch_size)
+    stage = DecodeStage(
+        model, pool, max_batch_size=args.max_batch_size, cuda_graph=not args.no_cuda_graph, compile=args.compile
+    )
     start = time.perf_counter()
     # One result per file, by position: a request id chosen by a file's author can never overwrite another
     # file's result (the stage itself refuses a request id it already holds).

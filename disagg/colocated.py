@@ -31,7 +31,8 @@ from disagg.scheduler import Sequence, reserved_tokens, to_output
 
 class ColocatedStage(GeneratingStage):
     """Serve requests with ``model`` from one ``pool``: at most ``max_batch_size`` sequences at once and
-    ``max_batch_tokens`` prompt tokens per step (None: no limit); ``num_splits`` as in :class:`DecodeStage`."""
+    ``max_batch_tokens`` prompt tokens per step (None: no limit); ``num_splits``, ``cuda_graph`` and ``compile`` (its
+    decode-only steps) as in :class:`DecodeStage`."""
 
     def __init__(
         self,
@@ -42,6 +43,8 @@ class ColocatedStage(GeneratingStage):
         max_batch_size: int = 64,
         num_splits: int | None = None,
         metrics: Metrics | None = None,
+        cuda_graph: bool = True,
+        compile: bool | str = False,
     ):
         super().__init__(
             model,
@@ -50,6 +53,8 @@ class ColocatedStage(GeneratingStage):
             max_batch_size=max_batch_size,
             num_splits=num_splits,
             metrics=metrics,
+            cuda_graph=cuda_graph,
+            compile=compile,
         )
         self._keys = count()
 

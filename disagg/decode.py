@@ -28,6 +28,8 @@ from __future__ import annotations
 import time
 from itertools import count
 
+import torch
+
 from disagg.errors import RequestError
 from disagg.export import read_export
 from disagg.kv_pool import KVPool, check_count
@@ -43,7 +45,9 @@ __all__ = ["DecodeStage", "reserved_tokens"]
 class DecodeStage(GeneratingStage):
     """Decode with ``model`` from ``pool``, at most ``max_batch_size`` sequences per step.
 
-    ``num_splits`` is passed to ``paged_decode_attention`` (None: the kernel picks the split-KV factor).
+    ``num_splits`` is passed to ``paged_decode_attention`` (None: the kernel picks the split-KV factor);
+    ``cuda_graph``: steps replay CUDA graphs when the pool is on CUDA (:mod:`disagg.cuda_graph`); ``compile``:
+    steps run under ``torch.compile(fullgraph=True)`` (:mod:`disagg.compiled`).
     """
 
     def __init__(
@@ -54,9 +58,18 @@ class DecodeStage(GeneratingStage):
         max_batch_size: int = 64,
         metrics: Metrics | None = None,
         num_splits: int | None = None,
+        cuda_graph: bool = True,
+        compile: bool | str = False,
     ):
         super().__init__(
-            model, pool, max_batch_tokens=None, max_batch_size=max_batch_size, num_splits=num_splits, metrics=metrics
+            model,
+            pool,
+            max_batch_tokens=None,
+            max_batch_size=max_batch_size,
+            num_splits=num_splits,
+            metrics=metrics,
+            cuda_graph=cuda_graph,
+            compile=compile,
         )
         self._reserved: dict[str, tuple[int, int]] = {}  # request id -> (pool key, tokens reserved)
         self._keys = count()
@@ -158,8 +171,8 @@ class DecodeStage(GeneratingStage):
             shared += 1
         skip = shared * page
         slots = pool.slots(seq.key, skip, n)
-        for layer in range(pool.num_layers):
-            pool.load_tokens(layer, slots, export.k[layer][skip:], export.v[layer][skip:])
+        kv = torch.stack([torch.stack((k[skip:], v[skip:])) for k, v in zip(export.k, export.v, strict=True)])
+        pool.load_all_tokens(slots, kv)  # one host-to-device copy of every layer
         seq.export.k, seq.export.v = [], []  # the pool holds them now
         seq.num_computed = n
         self.scheduler.publish(seq, skip, n)

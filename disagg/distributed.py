@@ -182,7 +182,13 @@ def _start(args, layout: Layout, rank: int, device, payload_device, log) -> tupl
         )
         log(f"{assignment.count(rank)} of {len(requests)} requests; {where}")
     else:
-        node = DecodeRank(*common, stage=DecodeStage(model, pool, max_batch_size=args.max_batch_size), meta=meta)
+        node = DecodeRank(
+            *common,
+            stage=DecodeStage(
+                model, pool, max_batch_size=args.max_batch_size, cuda_graph=not args.no_cuda_graph, compile=args.compile
+            ),
+            meta=meta,
+        )
         log(where)
     return node, model, tokenizer
 

@@ -59,6 +59,7 @@ def make_pool(
         page_size=page_size,
         dtype=kv_dtype or model.dtype,
         device=model.device,
+        max_seq_tokens=c.max_position_embeddings,
         prefix_cache=prefix_cache,
         cache_salt=json.dumps(fingerprint(model), sort_keys=True).encode(),
     )
@@ -77,6 +78,10 @@ class Engine:
             prompt is prefilled in chunks; None: no limit).
         num_splits: split-KV factor for the decode kernel (None: the kernel decides).
         prefix_cache: reuse cached pages of earlier prompts (and, on the decode side, of earlier turns).
+        cuda_graph: on CUDA, replay decode-only steps from CUDA graphs captured per batch-size bucket
+            (:mod:`disagg.cuda_graph`); no effect on CPU.
+        compile: run decode steps under ``torch.compile(fullgraph=True)`` (:mod:`disagg.compiled`): True for
+            inductor, or the name of another backend (e.g. "aot_eager"); same tokens as eager.
     Every argument is checked here: a bad one raises TypeError / ValueError naming it.
     """
 
@@ -94,6 +99,8 @@ class Engine:
         max_batch_tokens: int | None = 8192,
         num_splits: int | None = None,
         prefix_cache: bool = True,
+        cuda_graph: bool = True,
+        compile: bool | str = False,
     ):
         if not isinstance(model, CausalLM):
             raise TypeError(f"model must be a disagg CausalLM (see disagg.load_model), got {type(model).__name__}")
@@ -111,14 +118,23 @@ class Engine:
             check_count("max_batch_tokens", max_batch_tokens, 1)
         if num_splits is not None:
             check_count("num_splits", num_splits, 1)
-        if not isinstance(prefix_cache, bool):
-            raise TypeError(f"prefix_cache must be a bool, got {prefix_cache!r}")
+        for name, flag in (("prefix_cache", prefix_cache), ("cuda_graph", cuda_graph)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        if not isinstance(compile, (bool, str)):
+            raise TypeError(f"compile must be a bool or a torch.compile backend name, got {compile!r}")
         self.model, self.mode = model, mode
         self.metrics = Metrics()
         pool = make_pool(model, page_size=page_size, num_pages=num_pages, kv_dtype=kv_dtype, prefix_cache=prefix_cache)
         if mode == "colocated":
             self.colocated = ColocatedStage(
-                model, pool, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, num_splits=num_splits
+                model,
+                pool,
+                max_batch_tokens=max_batch_tokens,
+                max_batch_size=max_batch_size,
+                num_splits=num_splits,
+                cuda_graph=cuda_graph,
+                compile=compile,
             )
             self.pools = [pool]
             return
@@ -130,7 +146,14 @@ class Engine:
             prefix_cache=prefix_cache,
         )
         self.prefill = PrefillStage(model, pool, max_batch_tokens=max_batch_tokens)
-        self.decode = DecodeStage(model, decode_pool, max_batch_size=max_batch_size, num_splits=num_splits)
+        self.decode = DecodeStage(
+            model,
+            decode_pool,
+            max_batch_size=max_batch_size,
+            num_splits=num_splits,
+            cuda_graph=cuda_graph,
+            compile=compile,
+        )
         self.pools = [pool, decode_pool]
 
     def clear_prefix_cache(self) -> None:

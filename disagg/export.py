@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,22 @@ def fingerprint(model: CausalLM) -> dict[str, Any]:
     }
 
 
-def _checksum(meta: dict[str, Any], tensors: dict[str, torch.Tensor], num_layers: int) -> str:
+def _payload_names(num_layers: int) -> list[str]:
+    """The tensors the checksum covers, in the order it hashes them."""
+    return ["token_ids", "positions"] + [f"{kv}.{i}" for i in range(num_layers) for kv in "kv"]
+
+
+def _digest(meta: dict[str, Any], payload: Iterable[Any]) -> str:
+    """sha256 over the metadata (checksum excluded) then the payload's bytes-like chunks (see the module docstring)."""
     h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
-    names = ["token_ids", "positions"] + [f"{kv}.{i}" for i in range(num_layers) for kv in "kv"]
-    for name in names:
-        h.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    for chunk in payload:
+        h.update(chunk)
     return h.hexdigest()
+
+
+def _checksum(meta: dict[str, Any], tensors: dict[str, torch.Tensor], num_layers: int) -> str:
+    """The checksum of export tensors held by name."""
+    return _digest(meta, (tensors[n].contiguous().view(torch.uint8).numpy() for n in _payload_names(num_layers)))
 
 
 @dataclass
@@ -100,9 +111,9 @@ def export_kv(
         "token_ids": torch.tensor(token_ids, dtype=torch.int64),
         "positions": torch.arange(n, dtype=torch.int64),
     }
+    kv = pool.gather_tokens(slots).cpu()  # (layers, 2, n, kv_heads, head_dim): ONE copy of every layer's K/V
     for layer in range(pool.num_layers):
-        k, v = pool.read_tokens(layer, slots)
-        tensors[f"k.{layer}"], tensors[f"v.{layer}"] = k.cpu().contiguous(), v.cpu().contiguous()
+        tensors[f"k.{layer}"], tensors[f"v.{layer}"] = kv[layer, 0], kv[layer, 1]
     meta = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint(model),
@@ -114,13 +125,18 @@ def export_kv(
         "sampling": sampling.to_dict(),
         "ttft_s": float(ttft_s),
     }
-    meta["checksum"] = _checksum(meta, tensors, pool.num_layers)
+    # k.0, v.0, k.1, ... are consecutive in ``kv``: its bytes are the payload after the token ids and positions
+    payload = [tensors[n].view(torch.uint8).numpy() for n in ("token_ids", "positions")] + [
+        kv.view(torch.uint8).numpy()
+    ]
+    meta["checksum"] = _digest(meta, payload)
     return st_save(tensors, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
 
 
-def _header(data: bytes) -> dict[str, Any]:
-    """The ``__metadata__`` of a safetensors header (8-byte little-endian length, then JSON), after checking the
-    header and the tensors' offsets against the data's size."""
+def _parse_header(data: bytes) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(``__metadata__``, the whole header, where the payload starts) of a safetensors file (8-byte little-endian
+    header length, then JSON, then the payload), after checking the header and the tensors' offsets against the
+    data's size."""
     if len(data) < 8:
         raise ExportError(f"truncated: {len(data)} bytes is not even a safetensors header")
     (size,) = struct.unpack("<Q", data[:8])
@@ -139,7 +155,12 @@ def _header(data: bytes) -> dict[str, Any]:
     payload = len(data) - 8 - size
     if ends and max(ends) > payload:
         raise ExportError(f"truncated: the tensors need {max(ends)} bytes, the file holds {payload}")
-    return metadata
+    return metadata, header, 8 + size
+
+
+def _header(data: bytes) -> dict[str, Any]:
+    """The ``__metadata__`` of a safetensors header (see :func:`_parse_header`)."""
+    return _parse_header(data)[0]
 
 
 def _check_fingerprint(theirs: Any, ours: dict[str, Any]) -> None:
@@ -158,7 +179,8 @@ def read_export(data: bytes, model: CausalLM, pool: KVPool) -> KVExport:
     Raises ExportError (never allocating anything) when the data is truncated, not an export, of another format
     version, for another model or KV dtype, malformed, or fails its checksum.
     """
-    raw = _header(data).get(METADATA_KEY)
+    metadata, header, start = _parse_header(data)
+    raw = metadata.get(METADATA_KEY)
     if raw is None:
         raise ExportError("not a phaseattn KV export (no export metadata)")
     if not isinstance(raw, str):
@@ -188,7 +210,10 @@ def read_export(data: bytes, model: CausalLM, pool: KVPool) -> KVExport:
     for name, (shape, dtype) in expected.items():
         if tuple(tensors[name].shape) != shape or tensors[name].dtype != dtype:
             raise ExportError(f"malformed: {name} is {tuple(tensors[name].shape)} {tensors[name].dtype}")
-    if meta["checksum"] != _checksum(meta, tensors, layers):
+    # hashed straight from the file: the stored bytes of each tensor, in the checksum's order
+    view = memoryview(data)
+    spans = (header[name]["data_offsets"] for name in _payload_names(layers))
+    if meta["checksum"] != _digest(meta, (view[start + a : start + b] for a, b in spans)):
         raise ExportError("checksum mismatch: the export was corrupted or modified after it was written")
     if not torch.equal(tensors["positions"], torch.arange(n)):
         raise ExportError("malformed: positions must be 0 .. num_tokens-1")

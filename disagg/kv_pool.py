@@ -25,6 +25,7 @@ from collections.abc import Hashable, Sequence
 import torch
 
 import kernels
+from disagg.block_table import BlockTable
 from disagg.errors import PoolFullError
 from disagg.prefix_cache import PrefixCache, chain_hashes
 
@@ -52,6 +53,8 @@ class KVPool:
         dtype: cache dtype: the model's dtype, or ``torch.float8_e4m3fn`` (values stored as x / scale).
         device: where the pages live (the kernels' device).
         kv_scale: the per-tensor fp8 scale of every layer's K and V (ignored for other dtypes).
+        max_seq_tokens: the longest sequence it holds (default: the whole pool); the width of its device block
+            table (:attr:`blocks`, see :mod:`disagg.block_table`).
         prefix_cache: keep written full pages for reuse (see the module docstring).
         cache_salt: what else the K/V depend on (the model's fingerprint), mixed into every page name.
     """
@@ -67,6 +70,7 @@ class KVPool:
         dtype: torch.dtype,
         device: torch.device | str,
         kv_scale: float = 1.0,
+        max_seq_tokens: int | None = None,
         prefix_cache: bool = False,
         cache_salt: bytes = b"",
     ):
@@ -87,6 +91,10 @@ class KVPool:
         self._refs = [0] * num_pages  # sequences holding each page
         self.prefix_cache = PrefixCache() if prefix_cache else None
         self._salt = repr((cache_salt, str(dtype), self.kv_scale, page_size)).encode()
+        longest = num_pages * page_size if max_seq_tokens is None else check_count("max_seq_tokens", max_seq_tokens, 1)
+        self.max_seq_tokens = min(longest, num_pages * page_size)
+        self.blocks = BlockTable(self.pages_for(self.max_seq_tokens), device)  # kept in step with _tables
+        self.workspace = kernels.Workspace(device)  # split-KV scratch shared by the kernel plans of every step
 
     # --- allocation ---------------------------------------------------------------------------------------------
     @property
@@ -151,6 +159,10 @@ class KVPool:
         check_count("num_tokens", num_tokens, 0)
         if seq in self._tables:
             raise ValueError(f"sequence {seq!r} already holds pages")
+        if num_tokens > self.max_seq_tokens:
+            raise ValueError(
+                f"num_tokens {num_tokens} is more than the pool's longest sequence ({self.max_seq_tokens})"
+            )
         fresh, available = self._need(num_tokens, prefix)
         if fresh > available:
             raise PoolFullError(f"{fresh} pages needed, {available} of {self.num_pages} free")
@@ -161,6 +173,7 @@ class KVPool:
         for page in table[len(shared) :]:
             self._refs[page] = 1
         self._tables[seq] = table
+        self.blocks.add(seq, table)
         return len(shared)
 
     def _ref(self, page: int) -> None:
@@ -184,6 +197,7 @@ class KVPool:
         ones stay cached until evicted."""
         for page in reversed(self._tables.pop(seq, [])):
             self._unref(page)
+        self.blocks.remove(seq)
 
     def adopt(self, seq: Hashable, index: int, name: bytes) -> bool:
         """If page ``name`` is cached, make it ``seq``'s page ``index`` in place of the fresh page there (which
@@ -195,6 +209,7 @@ class KVPool:
         self._ref(page)
         self._unref(table[index])
         table[index] = page
+        self.blocks.set(seq, index, page)
         return True
 
     def publish(self, seq: Hashable, index: int, name: bytes) -> None:
@@ -212,11 +227,15 @@ class KVPool:
 
     # --- per-step metadata ------------------------------------------------------------------------------------
     def block_table(self, seqs: Sequence[Hashable]) -> torch.Tensor:
-        """int32 (len(seqs), max pages) on the pool's device; rows are padded with page 0, which the kernels
-        never read (they stop at each sequence's length)."""
+        """int32 (len(seqs), most pages of these sequences) on the pool's device, gathered from :attr:`blocks`;
+        entries past a sequence's pages are unspecified (the kernels stop at each sequence's length)."""
         width = max((len(self._tables[s]) for s in seqs), default=1)
-        rows = [self._tables[s] + [0] * (width - len(self._tables[s])) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int32).to(self.device)
+        rows = torch.tensor(self.blocks.rows(seqs), dtype=torch.int64).to(self.device)
+        return self.blocks.gather(rows)[:, :width]
+
+    def slot(self, seq: Hashable, position: int) -> int:
+        """The slot of token ``position`` of ``seq`` (host int; a decode row's, without a tensor op)."""
+        return self._tables[seq][position // self.page_size] * self.page_size + position % self.page_size
 
     def slots(self, seq: Hashable, start: int, end: int) -> torch.Tensor:
         """int64 (end - start,) slots of token positions [start, end) of ``seq`` (host tensor)."""
@@ -234,18 +253,21 @@ class KVPool:
         """Store freshly computed k, v (tokens, num_kv_heads, head_dim) at ``slots`` (quantized for fp8)."""
         kernels.write_kv_cache(k, v, self.k[layer], self.v[layer], slots, k_scale=self._scale, v_scale=self._scale)
 
-    def read_tokens(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored K, V of ``slots`` as token-major (tokens, num_kv_heads, head_dim) tensors in the cache dtype."""
+    def gather_tokens(self, slots: torch.Tensor) -> torch.Tensor:
+        """The stored K and V of ``slots`` in every layer as one tensor (num_layers, 2, tokens, num_kv_heads,
+        head_dim) in the cache dtype on the pool's device (k of layer i at [i, 0], v at [i, 1]), so a caller
+        copies all of it to the host at once."""
         idx = slots.to(self.device)
-        return self._as_cache(self._slots_view(self.k[layer])[idx]), self._as_cache(
-            self._slots_view(self.v[layer])[idx]
-        )
+        rows = [self._slots_view(c)[idx] for layer in range(self.num_layers) for c in (self.k[layer], self.v[layer])]
+        return self._as_cache(torch.stack(rows).unflatten(0, (self.num_layers, 2)))
 
-    def load_tokens(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store K, V already in the cache dtype (an imported export) at ``slots``, bit for bit."""
-        idx = slots.to(self.device)
-        self._slots_view(self.k[layer])[idx] = self._slots_view(k.to(self.device))
-        self._slots_view(self.v[layer])[idx] = self._slots_view(v.to(self.device))
+    def load_all_tokens(self, slots: torch.Tensor, kv: torch.Tensor) -> None:
+        """Store ``kv`` (num_layers, 2, tokens, num_kv_heads, head_dim), every layer's K and V already in the cache
+        dtype (an imported export), at ``slots``, bit for bit; a host ``kv`` is copied to the device at once."""
+        idx, kv = slots.to(self.device), kv.to(self.device)
+        for layer in range(self.num_layers):
+            self._slots_view(self.k[layer])[idx] = self._slots_view(kv[layer, 0])
+            self._slots_view(self.v[layer])[idx] = self._slots_view(kv[layer, 1])
 
     def _slots_view(self, t: torch.Tensor) -> torch.Tensor:
         """(slots, num_kv_heads, head_dim) view of a cache or of token-major K/V; fp8 is viewed as its bytes, since

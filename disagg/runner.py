@@ -15,6 +15,8 @@ import time
 import torch
 
 from disagg.attention import StepBatch
+from disagg.compiled import CompiledDecode
+from disagg.cuda_graph import DecodeGraphs
 from disagg.kv_pool import KVPool, check_count
 from disagg.metrics import Metrics
 from disagg.model import CausalLM
@@ -24,22 +26,24 @@ from disagg.scheduler import Scheduler, Sequence, Step
 
 
 def run_step(
-    model: CausalLM, scheduler: Scheduler, step: Step, metrics: Metrics, *, num_splits: int | None = None
+    model: CausalLM,
+    scheduler: Scheduler,
+    step: Step,
+    metrics: Metrics,
+    *,
+    num_splits: int | None = None,
+    graphs: DecodeGraphs | None = None,
+    compiled: CompiledDecode | None = None,
 ) -> list[Sequence]:
     """Run ``step``; returns the sequences that got a new token (decode rows, and chunks that finished their
-    prompt: their first token), in row order. Records tokens and time into ``metrics``."""
+    prompt: their first token), in row order. Records tokens and time into ``metrics``. A decode-only step that
+    fits ``graphs``' buckets runs through them (:mod:`disagg.cuda_graph`); other decode-only steps run the
+    ``compiled`` forward when there is one (:mod:`disagg.compiled`)."""
     start = time.perf_counter()
-    device = model.device
     ids = [s.output_ids[-1] for s in step.decode]
     for seq, a, b in step.chunks:
         ids += seq.prompt_ids[a:b]
-    batch = StepBatch.build(
-        scheduler.pool,
-        [(s.key, s.num_computed) for s in step.decode],
-        [(s.key, a, b) for s, a, b in step.chunks],
-        num_splits=num_splits,
-    )
-    hidden = model(torch.tensor(ids, dtype=torch.int64, device=device), batch.positions, batch)
+    decode = [(s.key, s.num_computed) for s in step.decode]
     rows, seqs, indices = list(range(len(step.decode))), list(step.decode), [len(s.output_ids) for s in step.decode]
     offset = len(step.decode)
     for seq, a, b in step.chunks:
@@ -48,10 +52,13 @@ def run_step(
             rows.append(offset - 1)
             seqs.append(seq)
             indices.append(0)
-    tokens = []
-    if rows:
-        logits = model.logits(hidden[torch.tensor(rows, device=device)])
-        tokens = sample(logits, [s.sampling for s in seqs], indices)
+    if graphs is not None and not step.chunks and graphs.fits(len(decode)):
+        logits = graphs.logits(decode, ids)
+    else:
+        # with graphs, eager steps plan their decode rows as the graphs do (same split count for the same batch)
+        bound = scheduler.pool.max_seq_tokens if graphs is not None else None
+        logits = _eager_logits(model, scheduler.pool, decode, step.chunks, ids, rows, num_splits, compiled, bound)
+    tokens = sample(logits, [s.sampling for s in seqs], indices) if rows else []
     now = time.perf_counter()
 
     for seq in step.decode:
@@ -67,10 +74,40 @@ def run_step(
     return seqs
 
 
+def _eager_logits(
+    model: CausalLM,
+    pool: KVPool,
+    decode: list[tuple[int, int]],
+    chunks: list[tuple[Sequence, int, int]],
+    ids: list[int],
+    rows: list[int],
+    num_splits: int | None,
+    compiled: CompiledDecode | None,
+    decode_bound: int | None,
+) -> torch.Tensor | None:
+    """One forward of a step without graphs (compiled when it is decode-only and ``compiled`` is given); float32
+    logits of its token ``rows`` (None when there are none)."""
+    batch = StepBatch.build(
+        pool, decode, [(s.key, a, b) for s, a, b in chunks], num_splits=num_splits, input_ids=ids,
+        decode_bound=decode_bound,
+    )  # fmt: skip
+    if compiled is not None and not chunks:
+        return compiled.logits(batch)
+    hidden = model(batch.input_ids, batch.positions, batch)
+    if not rows:
+        return None
+    # decode rows are the first rows: a slice, not an index tensor to copy to the device
+    picked = hidden[: len(rows)] if rows[-1] == len(rows) - 1 else hidden[torch.tensor(rows, device=model.device)]
+    return model.logits(picked)
+
+
 class GeneratingStage:
     """What the decode stage and the colocated stage share: a scheduler with decode rows, at most
     ``max_batch_size`` sequences at once, and a step that runs, samples and retires finished requests.
-    ``num_splits`` is passed to ``paged_decode_attention`` (None: the kernel picks the split-KV factor)."""
+    ``num_splits`` is passed to ``paged_decode_attention`` (None: the kernel picks the split-KV factor).
+    ``cuda_graph``: decode-only steps replay CUDA graphs per batch bucket when the pool is on CUDA
+    (:mod:`disagg.cuda_graph`; a no-op elsewhere). ``compile``: decode-only steps run under
+    ``torch.compile(fullgraph=True)`` (True: inductor; a string: that backend; :mod:`disagg.compiled`)."""
 
     def __init__(
         self,
@@ -81,6 +118,8 @@ class GeneratingStage:
         max_batch_size: int,
         num_splits: int | None,
         metrics: Metrics | None,
+        cuda_graph: bool = True,
+        compile: bool | str = False,
     ):
         check_count("max_batch_size", max_batch_size, 1)
         self.model, self.pool, self.max_batch_size = model, pool, max_batch_size
@@ -90,6 +129,19 @@ class GeneratingStage:
             pool, max_batch_tokens=max_batch_tokens, max_batch_size=max_batch_size, decode=True, on_import=self._import
         )
         self._done: list[RequestOutput] = []
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+        if not isinstance(compile, (bool, str)):
+            raise TypeError(f"compile must be a bool or a torch.compile backend name, got {compile!r}")
+        self.compiled = None
+        if compile:
+            self.compiled = CompiledDecode(model, pool, backend="inductor" if compile is True else compile)
+        forward = self.compiled.logits if self.compiled is not None else None
+        self.graphs = None
+        if cuda_graph and pool.device.type == "cuda":
+            self.graphs = DecodeGraphs(
+                model, pool, max_batch_size=max_batch_size, num_splits=self.num_splits, forward=forward
+            )
 
     @property
     def has_work(self) -> bool:
@@ -113,7 +165,10 @@ class GeneratingStage:
         done, self._done = self._done, []
         if not step:
             return done
-        seqs = run_step(self.model, self.scheduler, step, self.metrics, num_splits=self.num_splits)
+        seqs = run_step(
+            self.model, self.scheduler, step, self.metrics, num_splits=self.num_splits, graphs=self.graphs,
+            compiled=self.compiled,
+        )  # fmt: skip
         for seq in seqs:
             if len(seq.output_ids) == 1:  # its prompt was computed here and is done
                 self.metrics.prompt_tokens += len(seq.prompt_ids)

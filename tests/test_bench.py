@@ -328,8 +328,8 @@ def test_host_command_writes_its_results(tmp_path):
     assert all(r["cpu_us"] > 0 and r["wall_us"] > 0 for r in data["per_call"])
     assert [r["batch"] for r in data["engine"]] == [1, 3]
     for r in data["engine"]:
-        # every layer of a decode step writes its KV and attends: two calls into kernels per layer
-        assert r["layers"] == 2 and r["kernels_api_calls"] == 4 and r["steps"] >= 1
+        # a decode step makes two plans (KV write, decode attention), then every layer runs both
+        assert r["layers"] == 2 and r["kernels_api_calls"] == 2 + 2 * 2 and r["steps"] >= 1
         assert 0 < r["kernels_api_cpu_ms"] < r["step_cpu_ms"]
     assert "engine decode step" in done.stdout and "paged_decode_attention" in done.stdout
 

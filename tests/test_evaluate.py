@@ -67,8 +67,8 @@ def test_fp8_kv_moves_bits_per_byte_a_little_and_a_broken_mask_a_lot(setup, monk
     assert fp8["kv_dtype"] == "float8_e4m3fn" and fp8["tokens"] == TEXT_BYTES
     assert 0 < abs(fp8["bits_per_byte"] - full.bits_per_byte) < FP8_BOUND, fp8["bits_per_byte"] - full.bits_per_byte
 
-    real = kernels.paged_prefill_attention
-    monkeypatch.setattr(kernels, "paged_prefill_attention", lambda *a, **kw: real(*a, **{**kw, "causal": False}))
+    real = kernels.PagedPrefillPlan  # what the engine's steps attend with (made once per step)
+    monkeypatch.setattr(kernels, "PagedPrefillPlan", lambda *a, **kw: real(*a, **{**kw, "causal": False}))
     peeking = evaluate(model, tokenizer, text, max_batch_tokens=CHUNK)  # each chunk sees its own future
     assert abs(peeking.bits_per_byte - full.bits_per_byte) > 3 * FP8_BOUND  # measured: +0.24 bits per byte
 

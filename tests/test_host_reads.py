@@ -56,12 +56,6 @@ def test_batched_sampling_makes_no_host_read(gen):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15: the engine does not yet hand a kernels plan to its layers, so every layer's launches read "
-    "seq_lens/slots/cu_seqlens on the host, and the KV export copies each layer to the host separately (engine "
-    "plan integration not done; measured 2026-11-29: 122 reads with 2 layers, 334 with 6)",
-)
 def test_host_reads_do_not_grow_with_the_layer_count(record_property):
     counts = {layers: reads_during_generate(layers) for layers in (2, 6)}
     totals = {layers: sum(c.values()) for layers, c in counts.items()}

@@ -77,12 +77,12 @@ def test_write_then_read_tokens_in_logical_order(gen):
     slots = pool.slots("a", 0, 19).to(DEVICE)
     k, v = randn(19, 2, 64, dtype=torch.float32, generator=gen), randn(19, 2, 64, dtype=torch.float32, generator=gen)
     pool.write(1, k, v, slots)
-    rk, rv = pool.read_tokens(1, slots)
-    assert torch.equal(rk, k) and torch.equal(rv, v)
-    assert pool.k[0].abs().sum() == 0  # other layers untouched
-    # load_tokens (imports) stores bit for bit at other slots
+    kv = pool.gather_tokens(slots)  # every layer at once: (layers, 2, tokens, kv_heads, head_dim)
+    assert kv.shape == (2, 2, 19, 2, 64)
+    assert torch.equal(kv[1, 0], k) and torch.equal(kv[1, 1], v)
+    assert kv[0].abs().sum() == 0 and pool.k[0].abs().sum() == 0  # other layers untouched
+    # load_all_tokens (imports) stores bit for bit at other slots, from the host
     pool.allocate("b", 19)
     slots_b = pool.slots("b", 0, 19).to(DEVICE)
-    pool.load_tokens(0, slots_b, rk, rv)
-    k0, v0 = pool.read_tokens(0, slots_b)
-    assert torch.equal(k0, k) and torch.equal(v0, v)
+    pool.load_all_tokens(slots_b, kv.cpu())
+    assert torch.equal(pool.gather_tokens(slots_b), kv)
