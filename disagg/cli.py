@@ -411,7 +411,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     file_of: dict[str, int] = {}
     for i, path in enumerate(files):
         try:
-            file_of[stage.add(read_export_file(path))] = i
+            file_of[stage.add(read_export_file(path, pool))] = i
         except EngineError as e:
             results[i] = RequestOutput(path.name, [], error=f"{path.name}: {e}")
     with tqdm(unit="tok", disable=None, delay=1.0, leave=False) as bar:

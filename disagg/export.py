@@ -247,8 +247,25 @@ def write_export(path: Path, data: bytes) -> None:
         raise ExportError(f"cannot write {path}: {e.strerror}") from None
 
 
-def read_export_file(path: Path) -> bytes:
+def export_bytes_bound(pool: KVPool, num_tokens: int) -> tuple[int, int]:
+    """(fewest, most) bytes an export of ``num_tokens`` tokens into ``pool`` can take: its K/V, plus at most its
+    int64 token ids and positions and a safetensors header (8-byte length and at most MAX_HEADER_BYTES of JSON)."""
+    kv = num_tokens * pool.bytes_per_token()
+    return kv, kv + 16 * num_tokens + 8 + MAX_HEADER_BYTES
+
+
+def read_export_file(path: Path, pool: KVPool) -> bytes:
+    """The bytes of an export file for ``pool``, refused (ExportError, nothing read) when the file is larger than
+    any export of the pool's longest sequence can be, so a hostile or wrong file cannot exhaust host memory."""
+    most = export_bytes_bound(pool, pool.max_seq_tokens)[1]
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > most:
+                raise ExportError(
+                    f"{Path(path).name}: {size} bytes is more than an export for this model and pool can hold "
+                    f"({most} bytes for its longest sequence of {pool.max_seq_tokens} tokens)"
+                )
+            return f.read(most + 1)
     except OSError as e:
         raise ExportError(f"cannot read {path}: {e.strerror}") from None

@@ -38,12 +38,12 @@ from typing import Any
 
 from disagg.decode import DecodeStage
 from disagg.errors import DistributedError, EngineError, RequestError
+from disagg.export import export_bytes_bound
 from disagg.prefill import PrefillResult, PrefillStage
 from disagg.request import Request, RequestOutput
 from disagg.transport import PAYLOAD_TAG0, REPORT_TAG, Event, Header, Kind, Pending, Transport
 
 KV_DTYPE_CODES = ("float32", "float16", "bfloat16", "float8_e4m3fn")
-EXPORT_OVERHEAD = 1 << 20  # most bytes an export holds beyond its K/V and ids (its safetensors header)
 
 
 @dataclass(frozen=True)
@@ -393,8 +393,8 @@ class DecodeRank(Rank):
         request = self.requests[header.request]
         if (n, max_new) != (len(request.prompt_ids), request.sampling.max_new_tokens):
             return f"{n} tokens and max_new_tokens {max_new} do not match the request"
-        kv = n * self.stage.pool.bytes_per_token()
-        if not kv <= nbytes <= kv + 16 * n + EXPORT_OVERHEAD:
+        fewest, most = export_bytes_bound(self.stage.pool, n)
+        if not fewest <= nbytes <= most:
             return f"a payload of {nbytes} bytes cannot hold the KV of {n} tokens"
         return None
 

@@ -73,7 +73,7 @@ def test_prefill_then_decode_through_files_equals_run(model, reference, tmp_path
     pool = make_pool(model, page_size=decode_page, num_pages=16)
     decode = DecodeStage(model, pool)
     for f in sorted(tmp_path.glob("*.safetensors")):
-        decode.add(read_export_file(f))
+        decode.add(read_export_file(f, pool))
     outputs = []
     while decode.has_work:
         outputs += decode.step()

@@ -17,7 +17,7 @@ from disagg.cli import main
 from disagg.decode import DecodeStage
 from disagg.engine import make_pool
 from disagg.errors import ExportError
-from disagg.export import METADATA_KEY, _checksum, _header, write_export
+from disagg.export import METADATA_KEY, _checksum, _header, export_bytes_bound, read_export_file, write_export
 from disagg.export_schema import MAX_HEADER_BYTES, METADATA, SAMPLING
 from disagg.loader import load_model
 from disagg.prefill import PrefillStage
@@ -165,3 +165,25 @@ def test_decode_command_reports_each_bad_file_and_decodes_the_others(exports, tm
     decoded = {r["request_id"]: r for r in rows if r["error"] is None}
     assert set(decoded) == {"1", "bad-0.safetensors"}
     assert all(len(r["output_ids"]) == 2 for r in decoded.values())
+
+
+def test_a_file_larger_than_any_export_is_refused_unread(model, exports, tmp_path):
+    """A file bigger than an export of the pool's longest sequence can be is refused from its size alone (a sparse
+    file of 64 GiB: reading it would exhaust memory); the largest size the bound allows is read."""
+    pool = make_pool(model, page_size=8, num_pages=8)
+    most = export_bytes_bound(pool, pool.max_seq_tokens)[1]
+    assert len(exports[0]) <= export_bytes_bound(pool, len(PROMPTS[0]))[1] <= most
+    huge = tmp_path / "huge.safetensors"
+    with open(huge, "wb") as f:
+        f.truncate(64 << 30)
+    with pytest.raises(
+        ExportError, match=f"huge.safetensors: {64 << 30} bytes is more than an export .*\\({most} bytes"
+    ):
+        read_export_file(huge, pool)
+    edge = tmp_path / "edge.safetensors"
+    edge.write_bytes(exports[0] + bytes(most - len(exports[0])))
+    assert read_export_file(edge, pool) == exports[0] + bytes(most - len(exports[0]))
+    with open(edge, "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ExportError, match="bytes is more than an export"):
+        read_export_file(edge, pool)
