@@ -176,12 +176,6 @@ def _decode_kernel(
     if HAS_WINDOW:
         body_lo = tl.maximum(start, tl.cdiv(first, BLOCK_N) * BLOCK_N)
     body_hi = tl.maximum(body_lo, (end // BLOCK_N) * BLOCK_N)
-    for start_n in tl.range(body_lo, body_hi, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k_base, v_base, block_table_row, stride_btp, start_n, first, end, offs_d, d_ok,
-            stride_page, stride_token, stride_cd, qk_scale, softcap,
-            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, HAS_SOFTCAP, PRECISION,
-        )  # fmt: skip
     n_head = (start < tl.minimum(body_lo, end)).to(tl.int32)
     n_edge = n_head + (body_hi < end).to(tl.int32)
     for i in tl.range(0, n_edge):
@@ -190,6 +184,12 @@ def _decode_kernel(
             acc, m_i, l_i, q, k_base, v_base, block_table_row, stride_btp, start_n, first, end, offs_d, d_ok,
             stride_page, stride_token, stride_cd, qk_scale, softcap,
             HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, HAS_SOFTCAP, PRECISION,
+        )  # fmt: skip
+    for start_n in tl.range(body_lo, body_hi, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, k_base, v_base, block_table_row, stride_btp, start_n, first, end, offs_d, d_ok,
+            stride_page, stride_token, stride_cd, qk_scale, softcap,
+            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, HAS_SOFTCAP, PRECISION,
         )  # fmt: skip
 
     finish_and_store(
