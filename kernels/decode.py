@@ -6,9 +6,12 @@ head of a GQA group), so the kernel is judged by how close it streams the cache 
 - one program per (sequence, KV head, split). The query heads that share the KV head (the GQA group) are one
   (BLOCK_H, head_dim) tile, BLOCK_H = max(16, next_pow2(group)) rows (padding rows are masked), so each K/V tile
   is read from memory once per KV head and the scores come from one tensor-core ``tl.dot(q, k^T)``;
-- the KV tile (BLOCK_N tokens) is decoupled from the page size: the tile gathers each token's page from the block
-  table (token t lives in page ``block_table[b, t // page_size]`` at offset ``t % page_size``, see
-  :mod:`kernels._paged`), so small pages (8, 16) do not shrink the loads. Addresses are int64;
+- the KV tile (BLOCK_N tokens) is decoupled from the page size (token t lives in page
+  ``block_table[b, t // page_size]`` at offset ``t % page_size``), so small pages (8, 16) do not shrink the loads;
+  the block table is still read once per page, not per token: a tile inside one page reads one page id, a tile
+  over several pages reads their ids as one small vector (:func:`kernels._paged.tile_rows`). Addresses are int64;
+- whole tiles inside the visible keys are folded without per-key masks; only the window's edge tile and the
+  context's last tile are masked (the predicates cost more integer instructions per tile than the addresses);
 - split-KV (flash-decoding): when batch × kv_heads cannot fill the GPU, the context is cut into ``num_splits``
   contiguous ranges of whole tiles, computed in-kernel from ``seq_lens`` (no host sync). Each split writes a
   partial fp32 output and its log-sum-exp, and a second small kernel merges them (:mod:`kernels.merge`). With one
