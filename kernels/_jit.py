@@ -154,7 +154,7 @@ def attend_tiles(
             key_ok = cols < key_hi
         if PAGE_SIZE > 0:
             k_rows, v_rows = tile_rows(k_base, v_base, block_table_row, stride_btp, start_n, key_lo, key_hi,
-                                       BLOCK_N, PAGE_SIZE, stride_page, stride_kt)  # fmt: skip
+                                       BLOCK_N, PAGE_SIZE, stride_page, stride_kt, False)  # fmt: skip
         else:
             k_rows = k_base + cols.to(tl.int64) * stride_kt
             v_rows = v_base + cols.to(tl.int64) * stride_vt

@@ -208,7 +208,7 @@ def slot_offsets(slots, PAGE_SIZE: tl.constexpr, stride_page, stride_token):
 @triton.jit
 def tile_rows(
     k_base, v_base, block_table_row, stride_col, start, lo, hi,
-    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, stride_page, stride_token,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, stride_page, stride_token, HOIST_ROWS: tl.constexpr,
 ):  # fmt: skip
     """Pointers (BLOCK_N,) to the K and V rows of a sequence's tokens ``start .. start + BLOCK_N - 1`` in caches
     whose element (page 0, token 0, this head, dim 0) is at ``k_base`` / ``v_base``: token t sits in page
@@ -220,23 +220,33 @@ def tile_rows(
     BLOCK_N <= PAGE_SIZE one scalar page id per tile, otherwise the tile's BLOCK_N / PAGE_SIZE page ids as one
     small vector broadcast over a (pages, PAGE_SIZE) view. Pages with no token in ``[lo, hi)`` are not read
     (their tokens point into page 0; the caller masks those tokens' loads). Offsets are int64 (a pool can hold
-    more than 2**31 elements)."""
-    # The in-page offsets are computed from `start % PAGE_SIZE` (0 in the second branch) rather than as a
-    # loop-invariant `arange * stride_token`: hoisted out of the key loop, those int64 offsets hold two registers
-    # per row across it, which spilled paged prefill's sm_80 tiles; recomputed, they cost ~2 instructions a row.
-    in_page = start % PAGE_SIZE
+    more than 2**31 elements).
+
+    HOIST_ROWS writes the in-page row offsets as ``arange * stride_token``, loop-invariant: the compiler keeps
+    them in registers across the key loop (two per row) and a tile's rows cost one 64-bit add each. Without it
+    they are recomputed from ``start % PAGE_SIZE`` per tile (~6 more instructions a row, no registers held):
+    for kernels with no registers to spare (paged prefill's tiles spilled on sm_80 with them hoisted)."""
+    in_page = start % PAGE_SIZE  # 0 when BLOCK_N > PAGE_SIZE
     if BLOCK_N <= PAGE_SIZE:
         # The tile's one page holds a token of [lo, hi) (no tile without one is visited), so its block-table
         # entry is in use and needs no mask.
         page = tl.load(block_table_row + (start // PAGE_SIZE) * stride_col).to(tl.int64)
-        rows = (in_page + tl.arange(0, BLOCK_N)).to(tl.int64) * stride_token
-        k_rows = (k_base + page * stride_page) + rows
-        v_rows = (v_base + page * stride_page) + rows
+        if HOIST_ROWS:
+            tile = page * stride_page + in_page.to(tl.int64) * stride_token
+            rows = tl.arange(0, BLOCK_N).to(tl.int64) * stride_token
+        else:
+            tile = page * stride_page
+            rows = (in_page + tl.arange(0, BLOCK_N)).to(tl.int64) * stride_token
+        k_rows = (k_base + tile) + rows
+        v_rows = (v_base + tile) + rows
     else:
         page_starts = start + tl.arange(0, BLOCK_N // PAGE_SIZE) * PAGE_SIZE
         used = (page_starts < hi) & (page_starts + PAGE_SIZE > lo)
         pages = tl.load(block_table_row + (page_starts // PAGE_SIZE) * stride_col, mask=used, other=0)
-        offsets = (in_page + tl.arange(0, PAGE_SIZE)).to(tl.int64) * stride_token
+        if HOIST_ROWS:
+            offsets = tl.arange(0, PAGE_SIZE).to(tl.int64) * stride_token
+        else:
+            offsets = (in_page + tl.arange(0, PAGE_SIZE)).to(tl.int64) * stride_token
         rows = tl.reshape(pages.to(tl.int64)[:, None] * stride_page + offsets[None, :], [BLOCK_N])
         k_rows = k_base + rows
         v_rows = v_base + rows

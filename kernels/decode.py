@@ -61,18 +61,9 @@ def _attend_tile(
     Only a MASKED tile checks its keys against ``[first, end)``: the others lie inside it, and their loads and
     scores carry no per-key predicate (the predicates cost more integer instructions than the addresses)."""
     k_rows, v_rows = tile_rows(
-        k_base,
-        v_base,
-        block_table_row,
-        stride_btp,
-        start_n,
-        first,
-        end,
-        BLOCK_N,
-        PAGE_SIZE,
-        stride_page,
-        stride_token,
-    )
+        k_base, v_base, block_table_row, stride_btp, start_n, first, end, BLOCK_N, PAGE_SIZE, stride_page,
+        stride_token, True,
+    )  # fmt: skip
     k_ptrs = k_rows[None, :] + offs_d[:, None] * stride_cd
     v_ptrs = v_rows[:, None] + offs_d[None, :] * stride_cd
     if MASKED:
