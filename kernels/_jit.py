@@ -9,7 +9,7 @@ import math
 import triton
 import triton.language as tl
 
-from kernels._paged import load_scale, token_offsets
+from kernels._paged import load_scale, tile_rows
 
 LOG2E = tl.constexpr(1.4426950408889634)  # jit globals must be tl.constexpr instances
 LN2 = tl.constexpr(0.6931471805599453)
@@ -153,13 +153,13 @@ def attend_tiles(
         else:
             key_ok = cols < key_hi
         if PAGE_SIZE > 0:
-            k_rows = token_offsets(block_table_row, stride_btp, cols, key_ok, PAGE_SIZE, stride_page, stride_kt)
-            v_rows = k_rows
+            k_rows, v_rows = tile_rows(k_base, v_base, block_table_row, stride_btp, start_n, key_lo, key_hi,
+                                       BLOCK_N, PAGE_SIZE, stride_page, stride_kt, False)  # fmt: skip
         else:
-            k_rows = cols.to(tl.int64) * stride_kt
-            v_rows = cols.to(tl.int64) * stride_vt
-        k_ptrs = k_base + k_rows[None, :] + offs_d[:, None] * stride_kd
-        v_ptrs = v_base + v_rows[:, None] + offs_d[None, :] * stride_vd
+            k_rows = k_base + cols.to(tl.int64) * stride_kt
+            v_rows = v_base + cols.to(tl.int64) * stride_vt
+        k_ptrs = k_rows[None, :] + offs_d[:, None] * stride_kd
+        v_ptrs = v_rows[:, None] + offs_d[None, :] * stride_vd
         if MASKED:
             k = tl.load(k_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
         elif HEAD_DIM != BLOCK_D:

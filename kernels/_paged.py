@@ -206,8 +206,48 @@ def slot_offsets(slots, PAGE_SIZE: tl.constexpr, stride_page, stride_token):
 
 
 @triton.jit
-def token_offsets(block_table_row, stride_col, tokens, mask, PAGE_SIZE: tl.constexpr, stride_page, stride_token):
-    """Element offsets (int64) of the rows of a sequence's logical ``tokens`` in a cache: token t sits in page
-    ``block_table_row[t // PAGE_SIZE]`` at offset ``t % PAGE_SIZE``. Masked-off tokens get page 0's offsets."""
-    pages = tl.load(block_table_row + (tokens // PAGE_SIZE) * stride_col, mask=mask, other=0)
-    return pages.to(tl.int64) * stride_page + (tokens % PAGE_SIZE).to(tl.int64) * stride_token
+def tile_rows(
+    k_base, v_base, block_table_row, stride_col, start, lo, hi,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, stride_page, stride_token, HOIST_ROWS: tl.constexpr,
+):  # fmt: skip
+    """Pointers (BLOCK_N,) to the K and V rows of a sequence's tokens ``start .. start + BLOCK_N - 1`` in caches
+    whose element (page 0, token 0, this head, dim 0) is at ``k_base`` / ``v_base``: token t sits in page
+    ``block_table_row[t // PAGE_SIZE]`` at offset ``t % PAGE_SIZE``. ``start`` must be a multiple of BLOCK_N
+    (the kernels' key tiles are), so a tile covers whole pages or lies inside one.
+
+    The block table is read once per page, not per token (a gather per token costs ~20 integer instructions per
+    row loaded, see bench/NOTES.md "Decode addressing"), and rows within a page are affine: with
+    BLOCK_N <= PAGE_SIZE one scalar page id per tile, otherwise the tile's BLOCK_N / PAGE_SIZE page ids as one
+    small vector broadcast over a (pages, PAGE_SIZE) view. Pages with no token in ``[lo, hi)`` are not read
+    (their tokens point into page 0; the caller masks those tokens' loads). Offsets are int64 (a pool can hold
+    more than 2**31 elements).
+
+    HOIST_ROWS writes the in-page row offsets as ``arange * stride_token``, loop-invariant: the compiler keeps
+    them in registers across the key loop (two per row) and a tile's rows cost one 64-bit add each. Without it
+    they are recomputed from ``start % PAGE_SIZE`` per tile (~6 more instructions a row, no registers held):
+    for kernels with no registers to spare (paged prefill's tiles spilled on sm_80 with them hoisted)."""
+    in_page = start % PAGE_SIZE  # 0 when BLOCK_N > PAGE_SIZE
+    if BLOCK_N <= PAGE_SIZE:
+        # The tile's one page holds a token of [lo, hi) (no tile without one is visited), so its block-table
+        # entry is in use and needs no mask.
+        page = tl.load(block_table_row + (start // PAGE_SIZE) * stride_col).to(tl.int64)
+        if HOIST_ROWS:
+            tile = page * stride_page + in_page.to(tl.int64) * stride_token
+            rows = tl.arange(0, BLOCK_N).to(tl.int64) * stride_token
+        else:
+            tile = page * stride_page
+            rows = (in_page + tl.arange(0, BLOCK_N)).to(tl.int64) * stride_token
+        k_rows = (k_base + tile) + rows
+        v_rows = (v_base + tile) + rows
+    else:
+        page_starts = start + tl.arange(0, BLOCK_N // PAGE_SIZE) * PAGE_SIZE
+        used = (page_starts < hi) & (page_starts + PAGE_SIZE > lo)
+        pages = tl.load(block_table_row + (page_starts // PAGE_SIZE) * stride_col, mask=used, other=0)
+        if HOIST_ROWS:
+            offsets = tl.arange(0, PAGE_SIZE).to(tl.int64) * stride_token
+        else:
+            offsets = (in_page + tl.arange(0, PAGE_SIZE)).to(tl.int64) * stride_token
+        rows = tl.reshape(pages.to(tl.int64)[:, None] * stride_page + offsets[None, :], [BLOCK_N])
+        k_rows = k_base + rows
+        v_rows = v_base + rows
+    return k_rows, v_rows

@@ -6,9 +6,12 @@ head of a GQA group), so the kernel is judged by how close it streams the cache 
 - one program per (sequence, KV head, split). The query heads that share the KV head (the GQA group) are one
   (BLOCK_H, head_dim) tile, BLOCK_H = max(16, next_pow2(group)) rows (padding rows are masked), so each K/V tile
   is read from memory once per KV head and the scores come from one tensor-core ``tl.dot(q, k^T)``;
-- the KV tile (BLOCK_N tokens) is decoupled from the page size: the tile gathers each token's page from the block
-  table (token t lives in page ``block_table[b, t // page_size]`` at offset ``t % page_size``, see
-  :mod:`kernels._paged`), so small pages (8, 16) do not shrink the loads. Addresses are int64;
+- the KV tile (BLOCK_N tokens) is decoupled from the page size (token t lives in page
+  ``block_table[b, t // page_size]`` at offset ``t % page_size``), so small pages (8, 16) do not shrink the loads;
+  the block table is still read once per page, not per token: a tile inside one page reads one page id, a tile
+  over several pages reads their ids as one small vector (:func:`kernels._paged.tile_rows`). Addresses are int64;
+- whole tiles inside the visible keys are folded without per-key masks; only the window's edge tile and the
+  context's last tile are masked (the predicates cost more integer instructions per tile than the addresses);
 - split-KV (flash-decoding): when batch × kv_heads cannot fill the GPU, the context is cut into ``num_splits``
   contiguous ranges of whole tiles, computed in-kernel from ``seq_lens`` (no host sync). Each split writes a
   partial fp32 output and its log-sum-exp, and a second small kernel merges them (:mod:`kernels.merge`). With one
@@ -36,7 +39,7 @@ import triton.language as tl
 
 from kernels import _paged, _plan, _runtime, _validate
 from kernels._jit import finish_and_store, log2_logit_scale, online_softmax_step, scale_scores
-from kernels._paged import load_scale, token_offsets
+from kernels._paged import load_scale, tile_rows
 from kernels.merge import merge_splits
 
 HEAD_DIMS = _validate.HEAD_DIMS
@@ -45,6 +48,42 @@ MIN_TOKENS_PER_SPLIT = 256
 """The automatic split never cuts a context into pieces shorter than this (each split pays a q load and a
 partial write; below ~256 tokens that overhead stops being small next to the K/V it reads)."""
 MAX_GRID_YZ = _validate.MAX_GRID_YZ
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, k_base, v_base, block_table_row, stride_btp, start_n, first, end, offs_d, d_ok,
+    stride_page, stride_token, stride_cd, qk_scale, softcap,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Fold the key tile at ``start_n`` (a multiple of BLOCK_N) into the running softmax of the query heads ``q``.
+    Only a MASKED tile checks its keys against ``[first, end)``: the others lie inside it, and their loads and
+    scores carry no per-key predicate (the predicates cost more integer instructions than the addresses)."""
+    k_rows, v_rows = tile_rows(
+        k_base, v_base, block_table_row, stride_btp, start_n, first, end, BLOCK_N, PAGE_SIZE, stride_page,
+        stride_token, True,
+    )  # fmt: skip
+    k_ptrs = k_rows[None, :] + offs_d[:, None] * stride_cd
+    v_ptrs = v_rows[:, None] + offs_d[None, :] * stride_cd
+    if MASKED:
+        tokens = start_n + tl.arange(0, BLOCK_N)
+        valid = (tokens >= first) & (tokens < end)
+        k = tl.load(k_ptrs, mask=valid[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=valid[:, None] & d_ok[None, :], other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = scale_scores(tl.dot(q, k.to(q.dtype), input_precision=PRECISION), qk_scale, softcap, HAS_SOFTCAP)
+    if MASKED:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    # Every visited tile holds at least one visible key, so no row of it is empty.
+    p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, s, False)
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -121,31 +160,31 @@ def _decode_kernel(
         qk_scale *= load_scale(k_scale, K_SCALE_IN_MEMORY)  # K = k_scale · K_fp8: scale the logits, not K
 
     block_table_row = BlockTable + b * stride_btb
-    head_offset = kv_head * stride_head
-    offs_n = tl.arange(0, BLOCK_N)
+    k_base = KCache + kv_head * stride_head
+    v_base = VCache + kv_head * stride_head
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for start_n in tl.range(start, end, BLOCK_N):
-        tokens = start_n + offs_n
-        valid = tokens < end
-        if HAS_WINDOW:
-            valid &= tokens >= first
-        rows = token_offsets(block_table_row, stride_btp, tokens, valid, PAGE_SIZE, stride_page, stride_token)
-        rows += head_offset
-        k = tl.load(
-            KCache + rows[None, :] + offs_d[:, None] * stride_cd, mask=valid[None, :] & d_ok[:, None], other=0.0
-        )
-        qk = tl.dot(q, k.to(Q.dtype.element_ty), input_precision=PRECISION)
-        s = tl.where(valid[None, :], scale_scores(qk, qk_scale, softcap, HAS_SOFTCAP), float("-inf"))
-        # Every visited tile holds at least one visible key, so no row of it is empty.
-        p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, s, False)
-        v = tl.load(
-            VCache + rows[:, None] + offs_d[None, :] * stride_cd, mask=valid[:, None] & d_ok[None, :], other=0.0
-        )
-        acc = tl.dot(
-            p.to(Q.dtype.element_ty), v.to(Q.dtype.element_ty), acc * alpha[:, None], input_precision=PRECISION
-        )
+    # Whole tiles inside [first, end) need no mask; at most two tiles do (the window's edge, the context's end).
+    body_lo = start
+    if HAS_WINDOW:
+        body_lo = tl.maximum(start, tl.cdiv(first, BLOCK_N) * BLOCK_N)
+    body_hi = tl.maximum(body_lo, (end // BLOCK_N) * BLOCK_N)
+    n_head = (start < tl.minimum(body_lo, end)).to(tl.int32)
+    n_edge = n_head + (body_hi < end).to(tl.int32)
+    for i in tl.range(0, n_edge):
+        start_n = tl.where(i < n_head, start, body_hi)
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, k_base, v_base, block_table_row, stride_btp, start_n, first, end, offs_d, d_ok,
+            stride_page, stride_token, stride_cd, qk_scale, softcap,
+            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, True, HAS_SOFTCAP, PRECISION,
+        )  # fmt: skip
+    for start_n in tl.range(body_lo, body_hi, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, k_base, v_base, block_table_row, stride_btp, start_n, first, end, offs_d, d_ok,
+            stride_page, stride_token, stride_cd, qk_scale, softcap,
+            HEAD_DIM, BLOCK_D, BLOCK_N, PAGE_SIZE, False, HAS_SOFTCAP, PRECISION,
+        )  # fmt: skip
 
     finish_and_store(
         acc, m_i, l_i, b, heads, h_ok, offs_d, d_ok, Sinks, v_scale, Out, Lse, PartOut, PartLse,

@@ -19,8 +19,8 @@ The design, one kernel with one schedule and two launch configurations:
   tensor cores) and split the context like decode; *long* runs (chunked prefill) take prefill's 128-row tiles.
   Both split the key range (flash-decoding) when batch × KV heads × query tiles cannot fill the GPU; split
   partials are merged by :func:`kernels.merge.merge_splits` through their LSEs;
-- the KV tile (BLOCK_N) is decoupled from the page size: each tile gathers its tokens' pages from the block table
-  (:func:`kernels._paged.token_offsets`), so pages of 1 to 256 tokens all stream in full tiles;
+- the KV tile (BLOCK_N) is decoupled from the page size: each tile reads its pages' ids from the block table, one
+  per page (:func:`kernels._paged.tile_rows`), so pages of 1 to 256 tokens all stream in full tiles;
 - only tiles some query of the tile can see are visited: the key range is cut into a masked head (window edge),
   an unmasked body and a masked tail (diagonal, sequence end) by :func:`kernels._jit.key_tiles`, shared with
   prefill, and folded by :func:`kernels._jit.attend_tiles` (the same online softmax and masking as prefill);

@@ -154,6 +154,16 @@ def test_every_tile_size_of_the_gpu_configs(gen, monkeypatch, block_n, window):
     run_case(gen, [1, 40, 300], 4, 2, 64, 16, torch.float32, window=window, num_splits=3)
 
 
+@pytest.mark.parametrize("block_n, page_size", [(16, 64), (32, 256), (128, 8), (32, 1)])
+@pytest.mark.parametrize("window", [None, 37])
+def test_tiles_smaller_and_larger_than_pages(gen, monkeypatch, block_n, page_size, window):
+    # A tile inside one page (one page id, tiles starting mid-page) or spanning several (a vector of page ids,
+    # the last pages past the sequence end unread); the window's edge and the context's end cut tiles and pages.
+    monkeypatch.setattr(decode, "default_config", lambda *a: {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 1})
+    lens = [1, page_size + 3, 3 * block_n + 5, 200]
+    run_case(gen, lens, 4, 2, 64, page_size, torch.float32, window=window, num_splits=3)
+
+
 def test_long_context_many_splits(gen):
     run_case(gen, [4000, 77], 4, 1, 64, 16, torch.float32, num_splits=32)
 

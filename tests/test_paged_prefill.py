@@ -124,6 +124,17 @@ def test_other_tile_shapes(gen, monkeypatch, block_n, block_q):
     run_case(gen, [150, 40], [21, 3], 8, 2, 64, 16, torch.float32, window=45, num_splits=2)
 
 
+@pytest.mark.parametrize("block_n, page_size", [(16, 64), (32, 256), (128, 8)])
+def test_tiles_smaller_and_larger_than_pages(gen, monkeypatch, block_n, page_size):
+    # One page id per tile (tiles starting mid-page) or a vector of them per tile, with the window's edge and
+    # the diagonal cutting tiles and pages.
+    def config(max_seqlen_q, group, head_dim, dtype):
+        return {"BLOCK_Q": 16, "BLOCK_M": 32, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
+
+    monkeypatch.setattr(pp, "launch_config", config)
+    run_case(gen, [150, page_size + 3], [21, 3], 4, 2, 64, page_size, torch.float32, window=45, num_splits=2)
+
+
 def fp8_case(gen, q_dtype, scale_as_tensor, seq_lens=(70, 300), q_lens=(9, 3), hq=8, hkv=2, d=128, ps=16, **kw):
     total = sum(seq_lens)
     k = randn(total, hkv, d, dtype=torch.float32, generator=gen) * 2
