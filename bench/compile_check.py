@@ -6,9 +6,16 @@ globals that are not constexpr), register spills, shared memory over the limit, 
 became Hopper ``wgmma`` instructions. The arguments are specialised the way Triton's JIT specialises a real launch
 (pointers and ints divisible by 16 get a divisibility hint, ints equal to 1 become constants).
 
+It also reads the SASS of Triton's cubin (``nvdisasm``, shipped with Triton) and measures each innermost loop
+(a backward branch with no other loop inside it): instructions per iteration, tensor-core FLOPs per iteration (from
+the ``HGMMA``/``HMMA`` shapes), their ratio (instructions per tensor kFLOP, per warp: on sm_90 one SM's tensor
+cores do 4096 dense bf16 FLOPs a clock and four schedulers issue one instruction each, so ratio × 1.024 is the
+issue slots used per tensor-core cycle: near or above 1, the non-tensor work cannot hide behind the products),
+integer/address and FMUL instructions, and TMA use. Counts are static (the loop's instructions, each once).
+
 Run in a process of its own with ``TRITON_INTERPRET=0`` (kernels must be decorated in compiled mode):
 ``TRITON_INTERPRET=0 python bench/compile_check.py`` prints a table of every kernel's default configs (``--tuned``:
-also the autotuning spaces on the benchmark shapes).
+also the autotuning spaces on the benchmark shapes; ``--loops``: only the headline configs' loop metrics).
 """
 
 from __future__ import annotations
@@ -36,6 +43,134 @@ _TRITON_DTYPES = {
 }
 
 
+_INTEGER_OPS = frozenset(
+    [
+        "IMAD",
+        "IADD3",
+        "IADD",
+        "VIADD",
+        "VIADDMNMX",
+        "IMNMX",
+        "IABS",
+        "LEA",
+        "LOP3",
+        "LOP",
+        "SHF",
+        "SHL",
+        "SHR",
+        "SEL",
+        "ISETP",
+        "PRMT",
+        "MOV",
+        "SGXT",
+        "BMSK",
+        "POPC",
+        "FLO",
+        "BREV",
+        "P2R",
+        "R2P",
+    ]
+)  # integer ALU, address arithmetic and moves; their uniform-datapath forms (UIADD3, UMOV, ...) count too
+
+
+@dataclass(frozen=True)
+class Loop:
+    """One innermost loop of a kernel's SASS, per warp and iteration (static counts)."""
+
+    instructions: int
+    tensor_flops: int  # dense tensor-core FLOPs one warp's share of the loop's HGMMA/HMMA instructions performs
+    integer: int  # integer / address / move instructions (see _INTEGER_OPS)
+    fmul: int
+    ffma: int
+    mufu: int
+    tma_loads: int  # UTMALDG
+    cp_async: int  # LDGSTS
+    global_loads: int  # LDG
+    branches: int  # forward branches inside the loop (then a static count overstates what one iteration runs)
+
+    @property
+    def per_kflop(self) -> float:
+        """Instructions per tensor-core kFLOP (inf for a loop without tensor-core instructions)."""
+        return self.instructions * 1000 / self.tensor_flops if self.tensor_flops else float("inf")
+
+    def line(self) -> str:
+        return (
+            f"{self.instructions:5d} instr {self.per_kflop:5.2f}/kFLOP int {self.integer:3d} fmul {self.fmul:3d} "
+            f"ffma {self.ffma:3d} mufu {self.mufu:3d} tma {self.tma_loads:2d} cp.async {self.cp_async:2d} "
+            f"ldg {self.global_loads:2d}" + (f" fwd-branches {self.branches}" if self.branches else "")
+        )
+
+
+def _tensor_flops(op: str) -> int:
+    """Dense FLOPs one warp's copy of a tensor-core instruction performs (0 for anything else). ``HGMMA.MxNxK``
+    is a warpgroup (4 warps) instruction; ``HMMA.MNK`` (e.g. 16816) a per-warp one."""
+    hgmma = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", op)
+    if hgmma:
+        m, n, k = map(int, hgmma.groups())
+        return 2 * m * n * k // 4
+    hmma = re.match(r"HMMA\.(16)(8)(8|16)\b", op)
+    if hmma:
+        m, n, k = map(int, hmma.groups())
+        return 2 * m * n * k
+    return 0
+
+
+def sass_loops(sass: str) -> list[Loop]:
+    """The innermost loops of ``nvdisasm -c`` output, in code order."""
+    labels: dict[str, int] = {}
+    code: list[tuple[int, str, str]] = []  # (address, opcode, operands)
+    pending: list[str] = []
+    for line in sass.splitlines():
+        label = re.match(r"^(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        ins = re.match(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);", line)
+        if ins:
+            addr = int(ins.group(1), 16)
+            for name in pending:
+                labels[name] = addr
+            pending = []
+            code.append((addr, ins.group(2), ins.group(3)))
+    spans = []
+    for addr, op, operands in code:
+        target = re.search(r"\(?(\.L_x_\d+)\)?", operands) if op.startswith("BRA") else None
+        if target and target.group(1) in labels and labels[target.group(1)] < addr:
+            spans.append((labels[target.group(1)], addr))
+    innermost = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    loops = []
+    for lo, hi in sorted(innermost):
+        body = [(op, operands) for addr, op, operands in code if lo <= addr <= hi]
+        base = [op.split(".")[0] for op, _ in body]
+        loops.append(
+            Loop(
+                instructions=len(body),
+                tensor_flops=sum(_tensor_flops(op) for op, _ in body),
+                integer=sum(b in _INTEGER_OPS or (b[:1] == "U" and b[1:] in _INTEGER_OPS) for b in base),
+                fmul=base.count("FMUL"),
+                ffma=base.count("FFMA"),
+                mufu=base.count("MUFU"),
+                tma_loads=base.count("UTMALDG"),
+                cp_async=base.count("LDGSTS"),
+                global_loads=base.count("LDG"),
+                branches=sum(b == "BRA" for b in base) - 1,
+            )
+        )
+    return loops
+
+
+def _disassemble(cubin: bytes) -> str:
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        done = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"nvdisasm failed: {done.stderr[-2000:]}")
+    return done.stdout
+
+
 @dataclass
 class Report:
     kernel: str
@@ -47,6 +182,8 @@ class Report:
     wgmma: int
     mma_sync: int
     cp_async: int
+    tma: int = 0  # TMA instructions (UTMALDG/UTMASTG/...) anywhere in the kernel's SASS
+    loops: tuple[Loop, ...] = ()  # innermost loops in code order
 
     @property
     def ok(self) -> bool:
@@ -93,6 +230,7 @@ def compile_kernel(
     )
     ptx = compiled.asm["ptx"]
     usage = _ptxas_report(ptx, arch)
+    sass = _disassemble(compiled.asm["cubin"])
     consts = {k: v for k, v in constexprs.items() if k.isupper()}
     return Report(
         kernel=name or fn.__name__,
@@ -104,6 +242,8 @@ def compile_kernel(
         wgmma=ptx.count("wgmma.mma_async"),
         mma_sync=ptx.count("mma.sync"),
         cp_async=ptx.count("cp.async."),
+        tma=len(re.findall(r"\bUTMA(?:LDG|STG|REDG|PF)\b", sass)),
+        loops=tuple(sass_loops(sass)),
     )
 
 
@@ -304,10 +444,51 @@ def paged_prefill_reports(arch: int) -> list[Report]:
     return reports
 
 
+HEADLINE_LOOPS = {"prefill": ("body", "masked"), "decode": ("loop",)}
+
+
+def headline_reports(arch: int) -> list[Report]:
+    """The headline configs whose innermost loops ``bench/NOTES.md`` tracks: bf16 causal prefill at head_dim 64,
+    128 and 256 (no window, softcap or sinks) and bf16 decode (head_dim 128, GQA 4, split), default configs.
+    A prefill report's loops are, in order, the unmasked body loop and the masked loop (diagonal, window edge)."""
+    import kernels.decode as decode
+    import kernels.prefill as prefill
+
+    reports = []
+    for head_dim in (64, 128, 256):
+        cfg = prefill.default_config(head_dim, torch.bfloat16, arch)
+        args = prefill_args(head_dim, torch.bfloat16, cfg["BLOCK_M"], cfg["BLOCK_N"])
+        name = f"prefill d{head_dim} bf16 causal"
+        reports.append(compile_kernel(prefill._prefill_kernel, args, arch, cfg["num_warps"], cfg["num_stages"], name))
+    cfg = decode.default_config(128, 4, torch.bfloat16)
+    args = decode_args(128, 4, torch.bfloat16, cfg["BLOCK_N"], split=True)
+    reports.append(
+        compile_kernel(decode._decode_kernel, args, arch, cfg["num_warps"], cfg["num_stages"], "decode d128 g4 bf16")
+    )
+    return reports
+
+
+def loop_lines(report: Report) -> list[str]:
+    """One line per innermost loop of ``report``, named as in HEADLINE_LOOPS where the kernel is known."""
+    names = HEADLINE_LOOPS.get(report.kernel.split()[0], ())
+    head = f"{report.kernel:24} sm_{report.arch} {report.config:14} regs {report.registers:3d} spills {report.spill_bytes:3d}"
+    head += f" tma {report.tma:2d}"
+    if not report.loops:
+        return [f"{head}  (no loop)"]
+    return [
+        f"{head}  {names[i] if i < len(names) else f'loop{i}':6} {loop.line()}" for i, loop in enumerate(report.loops)
+    ]
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "") != "0":
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "TRITON_INTERPRET": "0"})
     tuned = "--tuned" in sys.argv
+    if "--loops" in sys.argv:  # only the headline configs' innermost-loop metrics
+        for arch in (90, 80):
+            for report in headline_reports(arch):
+                print("\n".join(loop_lines(report)), flush=True)
+        return 0
     failures = 0
     for arch in (90, 80):
         for report in prefill_reports(arch, tuned) + decode_reports(arch, tuned) + paged_prefill_reports(arch):

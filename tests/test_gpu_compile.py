@@ -81,3 +81,23 @@ def test_paged_prefill_launch_configs_compile_without_spills(arch):
     lines = out.strip().splitlines()
     assert len(lines) == (11 if arch >= 89 else 9) and all(line.endswith(" ok") for line in lines), out
     assert all(" mma.sync   0 " not in line or " wgmma   0 " not in line for line in lines if "bfloat16" in line), out
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+def test_headline_loops_are_measured_from_sass(arch):
+    # bench/compile_check.py --loops: the innermost loops of the headline prefill configs (unmasked body, masked)
+    # and of decode, found in the SASS, with their tensor-core work; the numbers themselves live in bench/NOTES.md.
+    out = _compile(
+        "from compile_check import headline_reports\n"
+        f"for r in headline_reports({arch}):\n"
+        "    print(r.kernel, r.spill_bytes, r.tma, len(r.loops), *(f'{x.per_kflop:.3f}' for x in r.loops),\n"
+        "          *(x.integer for x in r.loops), *(x.fmul for x in r.loops), sep=',')\n"
+    )
+    rows = [line.split(",") for line in out.strip().splitlines()]
+    assert [r[0] for r in rows] == [*(f"prefill d{d} bf16 causal" for d in (64, 128, 256)), "decode d128 g4 bf16"], out
+    for row in rows:
+        loops = int(row[3])
+        assert loops == (2 if row[0].startswith("prefill") else 1), out
+        per_kflop = [float(x) for x in row[4 : 4 + loops]]
+        assert all(0.05 < x < 20 for x in per_kflop), out  # a loop of tensor-core products, a few ops per kFLOP
+        assert all(int(x) > 0 for x in row[4 + loops :]), out  # integer and FMUL work is found and counted
