@@ -25,7 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -118,29 +118,32 @@ def _tensor_flops(op: str) -> int:
 def sass_loops(sass: str) -> list[Loop]:
     """The innermost loops of ``nvdisasm -c`` output, in code order."""
     labels: dict[str, int] = {}
-    code: list[tuple[int, str, str]] = []  # (address, opcode, operands)
+    code: list[tuple[int, str, str, bool]] = []  # (address, opcode, operands, predicated)
     pending: list[str] = []
     for line in sass.splitlines():
         label = re.match(r"^(\.L_x_\d+):", line)
         if label:
             pending.append(label.group(1))
             continue
-        ins = re.match(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);", line)
+        ins = re.match(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);", line)
         if ins:
             addr = int(ins.group(1), 16)
             for name in pending:
                 labels[name] = addr
             pending = []
-            code.append((addr, ins.group(2), ins.group(3)))
+            code.append((addr, ins.group(3), ins.group(4), ins.group(2) is not None))
+    # A loop's back edge is a conditional backward branch. Unconditional ones jump back from out-of-line blocks
+    # (the mbarrier wait retries placed after the kernel's end), which are not loops.
     spans = []
-    for addr, op, operands in code:
-        target = re.search(r"\(?(\.L_x_\d+)\)?", operands) if op.startswith("BRA") else None
+    for addr, op, operands, predicated in code:
+        target = re.search(r"(\.L_x_\d+)", operands) if op.startswith("BRA") and predicated else None
         if target and target.group(1) in labels and labels[target.group(1)] < addr:
             spans.append((labels[target.group(1)], addr))
+    spans = [(lo, hi) for lo, hi in spans if hi - lo >= 16 * 4]  # not the 2-4 instruction mbarrier retry spins
     innermost = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
     loops = []
     for lo, hi in sorted(innermost):
-        body = [(op, operands) for addr, op, operands in code if lo <= addr <= hi]
+        body = [(op, operands) for addr, op, operands, _ in code if lo <= addr <= hi]
         base = [op.split(".")[0] for op, _ in body]
         loops.append(
             Loop(
@@ -184,6 +187,7 @@ class Report:
     cp_async: int
     tma: int = 0  # TMA instructions (UTMALDG/UTMASTG/...) anywhere in the kernel's SASS
     loops: tuple[Loop, ...] = ()  # innermost loops in code order
+    sass: str = field(default="", repr=False)  # nvdisasm's listing, for reading what the counts count
 
     @property
     def ok(self) -> bool:
@@ -203,8 +207,10 @@ def compile_kernel(
     """Compile ``fn`` (a JITFunction) for sm_``arch``.
 
     ``args`` maps every parameter name to an example: a torch dtype for a pointer argument, an int or float for a
-    scalar, anything else (str, bool, or an int for a ``tl.constexpr`` parameter) as a compile-time constant.
+    scalar, anything else (str, bool, or an int for a ``tl.constexpr`` parameter) as a compile-time constant; a
+    callable is called with ``arch`` for its value (e.g. the launcher's per-architecture choice of a path).
     """
+    args = {name: value(arch) if callable(value) else value for name, value in args.items()}
     constexpr_params = {p.name for p in fn.params if p.is_constexpr}
     signature, constexprs, attrs = {}, {}, {}
     for index, param in enumerate(fn.params):
@@ -244,6 +250,7 @@ def compile_kernel(
         cp_async=ptx.count("cp.async."),
         tma=len(re.findall(r"\bUTMA(?:LDG|STG|REDG|PF)\b", sass)),
         loops=tuple(sass_loops(sass)),
+        sass=sass,
     )
 
 
@@ -270,7 +277,8 @@ def _ptxas_report(ptx: str, arch: int) -> dict[str, int]:
 
 
 def prefill_args(head_dim: int, dtype: torch.dtype, block_m: int, block_n: int, **flags) -> dict[str, object]:
-    """Example arguments of ``kernels.prefill._prefill_kernel`` for a contiguous (tokens, heads, dim) layout."""
+    """Example arguments of ``kernels.prefill._prefill_kernel`` for a contiguous (tokens, heads, dim) layout; the
+    path is the launcher's (tensor descriptors for 16-bit inputs on sm_90) unless ``desc`` says which."""
     hq, hkv = 32, 8
     return {
         "Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "Lse": torch.float32,
@@ -285,7 +293,7 @@ def prefill_args(head_dim: int, dtype: torch.dtype, block_m: int, block_n: int, 
         "BLOCK_M": block_m, "BLOCK_N": block_n,
         "CAUSAL": flags.get("causal", True), "HAS_WINDOW": flags.get("window", False),
         "HAS_SOFTCAP": flags.get("softcap", False), "HAS_SINKS": flags.get("sinks", False), "STORE_LSE": True,
-        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "USE_DESC": flags.get("desc", lambda arch: arch >= 90 and dtype != torch.float32),
     }  # fmt: skip
 
 
