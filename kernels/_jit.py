@@ -138,6 +138,30 @@ def key_tiles(
 
 
 @triton.jit
+def _dot_non_finite_v(
+    acc, p, v, cols, pos, key_lo, key_hi, window,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``acc + p @ v`` for a masked tile whose V (N, D) holds an Inf/NaN, with the keys a row does not see kept
+    out of it: V's non-finite entries are zeroed for the product, and the rows that see such a key (keys ``cols``
+    in [key_lo, key_hi), causal and window as in :func:`attend_tiles`) are set to NaN (the whole row: stricter
+    than the arithmetic, which is non-finite only in the affected columns; a second (M, N) x (N, D) flag product
+    would be exact per column but costs a second fp32 accumulator, which spilled). The visibility is recomputed
+    here, in another form than the caller's, so that the common path need not keep its (M, N) mask alive."""
+    finite = tl.abs(v.to(tl.float32)) < float("inf")
+    acc = tl.dot(p, tl.where(finite, v, 0.0).to(p.dtype), acc, input_precision=PRECISION)
+    key_bad = tl.max(tl.where(finite, 0, 1), axis=1)  # (BLOCK_N,): the key's value holds an Inf/NaN
+    key_bad = tl.where((cols - key_lo >= 0) & (key_hi - cols > 0), key_bad, 0)
+    sees = tl.broadcast_to(key_bad[None, :] > 0, (p.shape[0], p.shape[1]))
+    if CAUSAL:
+        sees &= pos[:, None] - cols[None, :] >= 0
+    if HAS_WINDOW:
+        sees &= cols[None, :] - pos[:, None] + window > 0
+    row_bad = tl.max(tl.where(sees, 1, 0), axis=1)
+    return tl.where(row_bad[:, None] > 0, float("nan"), acc)
+
+
+@triton.jit
 def attend_tiles(
     acc, m_i, l_i, q, k_base, v_base, block_table_row, stride_btp,
     stride_kt, stride_kd, stride_vt, stride_vd, stride_page,
@@ -159,10 +183,8 @@ def attend_tiles(
     Without MASKED every key of every tile is visible to every row: no mask is computed at all. With MASKED keys
     outside ``[key_lo, key_hi)`` are not loaded, and the causal diagonal and window are applied per element. A
     key hidden from a row must not influence it, even when its V holds an Inf/NaN (0 x Inf = NaN inside P·V):
-    masked tiles multiply P by V with its non-finite entries zeroed, and the rows that do see such a key are
-    set to NaN (the whole row: stricter than the arithmetic, which is non-finite only in the affected columns;
-    a second (M, N) x (N, D) flag product would be exact per column but costs a second fp32 accumulator, which
-    spilled). Unmasked tiles are untouched: there every row sees every key, so Inf/NaN propagate as they do.
+    a masked tile whose V holds one (a cheap whole-tile test decides) goes through :func:`_dot_non_finite_v`.
+    Unmasked tiles are untouched: there every row sees every key, so Inf/NaN propagate as they do.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -194,9 +216,10 @@ def attend_tiles(
         qk = tl.dot(q, k.to(q.dtype), input_precision=PRECISION)
         x, x_scale = scores_and_scale(qk, qk_scale, softcap, HAS_SOFTCAP)
         if MASKED:
-            visible = tl.broadcast_to(key_ok[None, :], (q.shape[0], BLOCK_N))
-            if CAUSAL:
-                visible &= cols[None, :] <= pos[:, None]
+            if CAUSAL:  # implies key_ok for every real row (pos < seqlen_k, and a window starts at key_lo or later)
+                visible = cols[None, :] <= pos[:, None]
+            else:
+                visible = tl.broadcast_to(key_ok[None, :], (q.shape[0], BLOCK_N))
             if HAS_WINDOW:
                 visible &= cols[None, :] > pos[:, None] - window
             x = tl.where(visible, x, float("-inf"))
@@ -206,12 +229,12 @@ def attend_tiles(
                 v = v_base.load([start_n, 0]).to(q.dtype)
             else:
                 v = tl.load(v_ptrs, mask=d_ok[None, :] & key_ok[:, None], other=0.0).to(q.dtype)
-            finite = tl.abs(v.to(tl.float32)) < float("inf")
-            acc = tl.dot(p.to(q.dtype), tl.where(finite, v, 0.0).to(q.dtype), acc * alpha[:, None],
-                         input_precision=PRECISION)  # fmt: skip
-            key_bad = tl.max(tl.where(finite, 0, 1), axis=1)  # (BLOCK_N,): the key's value holds an Inf/NaN
-            row_bad = tl.max(tl.where(visible & (key_bad[None, :] > 0), 1, 0), axis=1)
-            acc = tl.where(row_bad[:, None] > 0, float("nan"), acc)
+            # One cheap test per tile: 0·v sums to 0 unless the tile holds an Inf/NaN. Only then the exact repair.
+            if tl.sum(v.to(tl.float32) * 0.0) == 0.0:
+                acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            else:
+                acc = _dot_non_finite_v(acc * alpha[:, None], p.to(q.dtype), v, cols, pos, key_lo, key_hi, window,
+                                        CAUSAL, HAS_WINDOW, PRECISION)  # fmt: skip
         else:
             if DESC:
                 v = v_base.load([start_n, 0])

@@ -178,10 +178,16 @@ def default_config(head_dim: int, dtype: torch.dtype, arch: int = 90, desc: bool
         return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2}
     # 8 warps everywhere: the masked tiles hold their V tile in registers (the non-finite check of
     # kernels._jit.attend_tiles), which spilled at 4 warps (d64), 3 stages (d128) and 64-key tiles (d256).
+    # The descriptor path holds no per-element addresses, which makes room for 128-key tiles at d64/d128: the
+    # accumulator rescale and the row reductions are paid per 128 keys (bench/NOTES.md, issue 17).
     if head_dim <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+        return {"BLOCK_M": 128, "BLOCK_N": 128 if desc else 64, "num_warps": 8, "num_stages": 3}
     if head_dim <= 128:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+        if desc:
+            return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2 if arch >= 90 else 3}
+    if desc:
+        return {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
     if arch >= 90:
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}  # Ampere's mma.sync needs more registers
@@ -190,28 +196,47 @@ def default_config(head_dim: int, dtype: torch.dtype, arch: int = 90, desc: bool
 TUNING_SPACE = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     (128, 128, 8, 3),
     (128, 64, 8, 3),
-    (128, 64, 4, 3),
     (128, 128, 8, 2),
     (128, 64, 8, 4),
     (64, 64, 4, 3),
-    (64, 128, 4, 3),
     (128, 32, 4, 3),
     (64, 32, 4, 2),
     (64, 64, 8, 2),
+    (128, 32, 8, 2),
+    (32, 32, 4, 2),
 ]
 
+# The smallest BLOCK_D at which a config of TUNING_SPACE spills registers, on sm_90's descriptor path and on the
+# pointer path (sm_80, the stricter of the two), read by `bench/compile_check.py --tuned` (triton 3.9, bf16 causal;
+# bench/NOTES.md); absent: no spills up to 256. 128x64/4 warps/3 stages and 64x128/4/3 spilled at every head dim
+# on one of the two and left the space.
+_SPILLS_FROM = {
+    (128, 128, 8, 3): (256, 128),
+    (128, 64, 8, 3): (256, 256),
+    (128, 128, 8, 2): (256, 128),
+    (128, 64, 8, 4): (256, 256),
+    (64, 64, 4, 3): (256, 128),
+    (128, 32, 4, 3): (256, 128),
+    (64, 32, 4, 2): (256, 256),
+    (64, 64, 8, 2): (512, 256),
+    (128, 32, 8, 2): (512, 256),
+}
 
-def _fits(config: triton.Config, block_d: int, elem: int) -> bool:
-    """Whether a tile config's shared memory (q tile + pipelined K/V tiles) fits comfortably on the SM."""
+
+def _fits(config: triton.Config, block_d: int, elem: int, desc: bool = True) -> bool:
+    """Whether a tile config's shared memory (q tile + pipelined K/V tiles) fits comfortably on the SM, and its
+    registers do (no spills at this head dim on the descriptor path, or the pointer path)."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     smem = (bm * block_d + config.num_stages * 2 * bn * block_d) * elem
-    return smem <= 200 * 1024 and not (block_d >= 256 and bm * bn > 128 * 64)
+    spills_from = _SPILLS_FROM.get((bm, bn, config.num_warps, config.num_stages), (512, 512))[0 if desc else 1]
+    return smem <= 200 * 1024 and not (block_d >= 256 and bm * bn > 128 * 64) and block_d < spills_from
 
 
 def _prune(configs, named_args, **kwargs):
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    desc = kwargs.get("USE_DESC", named_args.get("USE_DESC", True))
     elem = named_args["Q"].element_size()
-    return [c for c in configs if _fits(c, block_d, elem)] or configs[-1:]
+    return [c for c in configs if _fits(c, block_d, elem, desc)] or configs[-1:]
 
 
 _autotuned = triton.autotune(
