@@ -25,7 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -87,15 +87,26 @@ class Loop:
     cp_async: int  # LDGSTS
     global_loads: int  # LDG
     branches: int  # forward branches inside the loop (then a static count overstates what one iteration runs)
+    path_instructions: int  # the shortest way through one iteration (a rarely taken branch skipped)
+    path_flops: int  # the tensor-core FLOPs on that way
 
     @property
     def per_kflop(self) -> float:
         """Instructions per tensor-core kFLOP (inf for a loop without tensor-core instructions)."""
         return self.instructions * 1000 / self.tensor_flops if self.tensor_flops else float("inf")
 
+    @property
+    def path_per_kflop(self) -> float:
+        """The same along the shortest way through an iteration (equal to per_kflop for a loop without branches
+        inside; below it where a rare case, e.g. a tile holding Inf/NaN, has a block of its own)."""
+        return self.path_instructions * 1000 / self.path_flops if self.path_flops else float("inf")
+
     def line(self) -> str:
+        path = f" (shortest way {self.path_instructions} instr {self.path_per_kflop:.2f}/kFLOP)"
         return (
-            f"{self.instructions:5d} instr {self.per_kflop:5.2f}/kFLOP int {self.integer:3d} fmul {self.fmul:3d} "
+            f"{self.instructions:5d} instr {self.per_kflop:5.2f}/kFLOP"
+            + (path if self.path_instructions != self.instructions else "")
+            + f" int {self.integer:3d} fmul {self.fmul:3d} "
             f"ffma {self.ffma:3d} mufu {self.mufu:3d} tma {self.tma_loads:2d} cp.async {self.cp_async:2d} "
             f"ldg {self.global_loads:2d}" + (f" fwd-branches {self.branches}" if self.branches else "")
         )
@@ -118,29 +129,35 @@ def _tensor_flops(op: str) -> int:
 def sass_loops(sass: str) -> list[Loop]:
     """The innermost loops of ``nvdisasm -c`` output, in code order."""
     labels: dict[str, int] = {}
-    code: list[tuple[int, str, str]] = []  # (address, opcode, operands)
+    code: list[tuple[int, str, str, bool]] = []  # (address, opcode, operands, predicated)
     pending: list[str] = []
     for line in sass.splitlines():
         label = re.match(r"^(\.L_x_\d+):", line)
         if label:
             pending.append(label.group(1))
             continue
-        ins = re.match(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);", line)
+        ins = re.match(r"^\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);", line)
         if ins:
             addr = int(ins.group(1), 16)
             for name in pending:
                 labels[name] = addr
             pending = []
-            code.append((addr, ins.group(2), ins.group(3)))
+            code.append((addr, ins.group(3), ins.group(4), ins.group(2) is not None))
+    # A loop's back edge is a backward branch inside the kernel's body: the blocks placed after its last EXIT
+    # (mbarrier wait retries, divergent shuffle paths) jump back into it without being loops.
+    end = max((addr for addr, op, _, _ in code if op == "EXIT"), default=code[-1][0] if code else 0)
     spans = []
-    for addr, op, operands in code:
-        target = re.search(r"\(?(\.L_x_\d+)\)?", operands) if op.startswith("BRA") else None
+    for addr, op, operands, _ in code:
+        target = re.search(r"(\.L_x_\d+)", operands) if op.startswith("BRA") and addr < end else None
         if target and target.group(1) in labels and labels[target.group(1)] < addr:
             spans.append((labels[target.group(1)], addr))
+    spans = [(lo, hi) for lo, hi in spans if hi - lo >= 16 * 4]  # not the 2-4 instruction mbarrier retry spins
     innermost = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
     loops = []
     for lo, hi in sorted(innermost):
-        body = [(op, operands) for addr, op, operands in code if lo <= addr <= hi]
+        inside = [(addr, op, operands, predicated) for addr, op, operands, predicated in code if lo <= addr <= hi]
+        body = [(op, operands) for _, op, operands, _ in inside]
+        path_instructions, path_flops = _shortest_way(inside, labels)
         base = [op.split(".")[0] for op, _ in body]
         loops.append(
             Loop(
@@ -154,9 +171,31 @@ def sass_loops(sass: str) -> list[Loop]:
                 cp_async=base.count("LDGSTS"),
                 global_loads=base.count("LDG"),
                 branches=sum(b == "BRA" for b in base) - 1,
+                path_instructions=path_instructions,
+                path_flops=path_flops,
             )
         )
     return loops
+
+
+def _shortest_way(inside: list[tuple[int, str, str, bool]], labels: dict[str, int]) -> tuple[int, int]:
+    """(instructions, tensor FLOPs) of the shortest way from a loop's head to its back edge: the loop's code is a
+    DAG once the back edge is dropped; branches that leave the loop (out-of-line retries) are taken as not taken."""
+    inf = (1 << 62, 0)
+    best = {inside[0][0]: (0, 0)}
+    for index, (addr, op, operands, predicated) in enumerate(inside):
+        here = best.get(addr, inf)
+        after = (here[0] + 1, here[1] + _tensor_flops(op))
+        if index == len(inside) - 1:
+            return after
+        target = re.search(r"(\.L_x_\d+)", operands) if op.startswith("BRA") else None
+        if target and addr < labels.get(target.group(1), -1) <= inside[-1][0]:
+            to = labels[target.group(1)]
+            best[to] = min(best.get(to, inf), after)
+        if not (op == "BRA" and not predicated):  # BRA.DIV / BRA.CONV fall through too
+            nxt = inside[index + 1][0]
+            best[nxt] = min(best.get(nxt, inf), after)
+    return inf
 
 
 def _disassemble(cubin: bytes) -> str:
@@ -184,6 +223,7 @@ class Report:
     cp_async: int
     tma: int = 0  # TMA instructions (UTMALDG/UTMASTG/...) anywhere in the kernel's SASS
     loops: tuple[Loop, ...] = ()  # innermost loops in code order
+    sass: str = field(default="", repr=False)  # nvdisasm's listing, for reading what the counts count
 
     @property
     def ok(self) -> bool:
@@ -203,8 +243,10 @@ def compile_kernel(
     """Compile ``fn`` (a JITFunction) for sm_``arch``.
 
     ``args`` maps every parameter name to an example: a torch dtype for a pointer argument, an int or float for a
-    scalar, anything else (str, bool, or an int for a ``tl.constexpr`` parameter) as a compile-time constant.
+    scalar, anything else (str, bool, or an int for a ``tl.constexpr`` parameter) as a compile-time constant; a
+    callable is called with ``arch`` for its value (e.g. the launcher's per-architecture choice of a path).
     """
+    args = {name: value(arch) if callable(value) else value for name, value in args.items()}
     constexpr_params = {p.name for p in fn.params if p.is_constexpr}
     signature, constexprs, attrs = {}, {}, {}
     for index, param in enumerate(fn.params):
@@ -244,6 +286,7 @@ def compile_kernel(
         cp_async=ptx.count("cp.async."),
         tma=len(re.findall(r"\bUTMA(?:LDG|STG|REDG|PF)\b", sass)),
         loops=tuple(sass_loops(sass)),
+        sass=sass,
     )
 
 
@@ -270,7 +313,8 @@ def _ptxas_report(ptx: str, arch: int) -> dict[str, int]:
 
 
 def prefill_args(head_dim: int, dtype: torch.dtype, block_m: int, block_n: int, **flags) -> dict[str, object]:
-    """Example arguments of ``kernels.prefill._prefill_kernel`` for a contiguous (tokens, heads, dim) layout."""
+    """Example arguments of ``kernels.prefill._prefill_kernel`` for a contiguous (tokens, heads, dim) layout; the
+    path is the launcher's (tensor descriptors for 16-bit inputs on sm_90) unless ``desc`` says which."""
     hq, hkv = 32, 8
     return {
         "Q": dtype, "K": dtype, "V": dtype, "Out": dtype, "Lse": torch.float32,
@@ -285,7 +329,7 @@ def prefill_args(head_dim: int, dtype: torch.dtype, block_m: int, block_n: int, 
         "BLOCK_M": block_m, "BLOCK_N": block_n,
         "CAUSAL": flags.get("causal", True), "HAS_WINDOW": flags.get("window", False),
         "HAS_SOFTCAP": flags.get("softcap", False), "HAS_SINKS": flags.get("sinks", False), "STORE_LSE": True,
-        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "USE_DESC": flags.get("desc", lambda arch: arch >= 90 and dtype != torch.float32),
     }  # fmt: skip
 
 
@@ -301,8 +345,8 @@ def prefill_reports(arch: int, tuned: bool) -> list[Report]:
                 configs += [
                     c for c in prefill.TUNING_SPACE
                     if c not in configs and prefill._fits(
-                        triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1]}, num_stages=c[3]),
-                        triton.next_power_of_2(head_dim), 2)
+                        triton.Config({"BLOCK_M": c[0], "BLOCK_N": c[1]}, num_warps=c[2], num_stages=c[3]),
+                        triton.next_power_of_2(head_dim), 2, arch >= 90)
                 ]  # fmt: skip
             for bm, bn, warps, stages in configs:
                 args = prefill_args(head_dim, dtype, bm, bn)

@@ -1,7 +1,8 @@
 """Time every prefill tile config on the shapes of the bar (issue 7's tuning loop). Needs a CUDA device.
 
 ``python bench/tune_prefill.py --out DIR`` writes ``DIR/prefill_tune.json``: for each shape, each config of
-``kernels.prefill.TUNING_SPACE`` that fits, its median time, TFLOP/s and its output's relative difference from the
+``kernels.prefill.TUNING_SPACE`` that fits (shared memory, and no spills on the path it runs: tensor descriptors
+on sm_90, pointers before), its median time, TFLOP/s and its output's relative difference from the
 default config's (a config that computes something else is a bug, not a speedup). The peers and ceilings are
 measured by ``python -m bench prefill``; the configs' registers/spills/shared memory are read without a GPU by
 ``bench/compile_check.py --tuned``.
@@ -42,6 +43,7 @@ def main() -> None:
         raise SystemExit("tune_prefill needs a CUDA device")
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
+    arch = kernels._runtime.arch(device)
     rows = []
     for head_dim, causal, seqlen, kv_heads in SHAPES:
         batch = TOTAL_TOKENS // seqlen
@@ -53,12 +55,15 @@ def main() -> None:
             kernels.prefill_attention, q, k, v, cu, cu, causal=causal, max_seqlen_q=seqlen, max_seqlen_k=seqlen
         )
         flops = attention_flops(batch, HEADS, seqlen, seqlen, head_dim, causal)
-        default = prefill.default_config(head_dim, q.dtype)
+        desc = prefill._wants_descriptors(q.dtype, arch) and prefill.tma_describable(q, k, v)
+        default = prefill.default_config(head_dim, q.dtype, arch, desc)
         first = (default["BLOCK_M"], default["BLOCK_N"], default["num_warps"], default["num_stages"])
         row = {"head_dim": head_dim, "causal": causal, "seqlen": seqlen, "kv_heads": kv_heads, "configs": {}}
+        row["tensor_descriptors"] = desc
         ref = None
         for cfg in [first, *(c for c in prefill.TUNING_SPACE if c != first)]:
-            fits = prefill._fits(triton.Config({"BLOCK_M": cfg[0], "BLOCK_N": cfg[1]}, num_stages=cfg[3]), head_dim, 2)
+            config = triton.Config({"BLOCK_M": cfg[0], "BLOCK_N": cfg[1]}, num_warps=cfg[2], num_stages=cfg[3])
+            fits = prefill._fits(config, head_dim, 2, desc)
             if not fits:
                 continue
             try:

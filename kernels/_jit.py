@@ -38,22 +38,42 @@ def scale_scores(qk, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def online_softmax_step(m_i, l_i, s, MAY_BE_EMPTY: tl.constexpr):
-    """One step of the online softmax over a tile of log2-domain logits ``s`` (M, N), masked entries = -inf.
+def scores_and_scale(qk, qk_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Raw q·k (fp32) -> (x, x_scale) with log2-domain logits = x * x_scale, for :func:`online_softmax_scaled`:
+    without a softcap x is q·k itself (the scale is applied inside the exponent's FFMA, never as its own multiply);
+    with one, x is the capped logits (tanh is not linear) and x_scale is 1."""
+    if HAS_SOFTCAP:
+        return scale_scores(qk, qk_scale, softcap, True), 1.0
+    return qk, qk_scale
+
+
+@triton.jit
+def online_softmax_scaled(m_i, l_i, x, x_scale, MAY_BE_EMPTY: tl.constexpr):
+    """One step of the online softmax over a tile of log2-domain logits ``x * x_scale`` (M, N); ``x_scale`` > 0
+    (a scalar); masked entries of ``x`` = -inf.
 
     Returns ``p`` (unnormalised probabilities, fp32), ``alpha`` (the rescale factor for the running accumulator),
-    and the new running max ``m`` and denominator ``l``. ``MAY_BE_EMPTY`` must be set for tiles in which a row can
-    be fully masked; such a row keeps m = -inf, l = 0 and contributes nothing (no NaN).
+    and the new running max ``m`` and denominator ``l`` (log2 domain, scaled). The row max is taken over the raw
+    ``x`` and scaled once per row (for a positive scale, max(x)·s is max(x·s) bit for bit), and each probability
+    is ``exp2(fma(x, x_scale, -m))``: one FFMA and one MUFU per score. ``MAY_BE_EMPTY`` must be set for tiles in
+    which a row can be fully masked; such a row keeps m = -inf, l = 0 and contributes nothing (no NaN).
     """
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(x, 1) * x_scale)
     if MAY_BE_EMPTY:
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_ref = m_new
-    p = tl.math.exp2(s - m_ref[:, None])
+    p = tl.math.exp2(tl.fma(x, x_scale, -m_ref[:, None]))
     alpha = tl.math.exp2(m_i - m_ref)
     l_new = l_i * alpha + tl.sum(p, 1)
     return p, alpha, m_new, l_new
+
+
+@triton.jit
+def online_softmax_step(m_i, l_i, s, MAY_BE_EMPTY: tl.constexpr):
+    """One step of the online softmax over a tile of log2-domain logits ``s`` (M, N), masked entries = -inf:
+    :func:`online_softmax_scaled` with a scale of 1 (returns p, alpha, m, l)."""
+    return online_softmax_scaled(m_i, l_i, s, 1.0, MAY_BE_EMPTY)
 
 
 @triton.jit
@@ -118,13 +138,37 @@ def key_tiles(
 
 
 @triton.jit
+def _dot_non_finite_v(
+    acc, p, v, cols, pos, key_lo, key_hi, window,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """``acc + p @ v`` for a masked tile whose V (N, D) holds an Inf/NaN, with the keys a row does not see kept
+    out of it: V's non-finite entries are zeroed for the product, and the rows that see such a key (keys ``cols``
+    in [key_lo, key_hi), causal and window as in :func:`attend_tiles`) are set to NaN (the whole row: stricter
+    than the arithmetic, which is non-finite only in the affected columns; a second (M, N) x (N, D) flag product
+    would be exact per column but costs a second fp32 accumulator, which spilled). The visibility is recomputed
+    here, in another form than the caller's, so that the common path need not keep its (M, N) mask alive."""
+    finite = tl.abs(v.to(tl.float32)) < float("inf")
+    acc = tl.dot(p, tl.where(finite, v, 0.0).to(p.dtype), acc, input_precision=PRECISION)
+    key_bad = tl.max(tl.where(finite, 0, 1), axis=1)  # (BLOCK_N,): the key's value holds an Inf/NaN
+    key_bad = tl.where((cols - key_lo >= 0) & (key_hi - cols > 0), key_bad, 0)
+    sees = tl.broadcast_to(key_bad[None, :] > 0, (p.shape[0], p.shape[1]))
+    if CAUSAL:
+        sees &= pos[:, None] - cols[None, :] >= 0
+    if HAS_WINDOW:
+        sees &= cols[None, :] - pos[:, None] + window > 0
+    row_bad = tl.max(tl.where(sees, 1, 0), axis=1)
+    return tl.where(row_bad[:, None] > 0, float("nan"), acc)
+
+
+@triton.jit
 def attend_tiles(
     acc, m_i, l_i, q, k_base, v_base, block_table_row, stride_btp,
     stride_kt, stride_kd, stride_vt, stride_vd, stride_page,
     first, n_first, second, n_tiles, key_lo, key_hi, pos, window, qk_scale, softcap,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, DESC: tl.constexpr = False,
 ):  # fmt: skip
     """Fold ``n_tiles`` key tiles into the running softmax (acc (M, BLOCK_D), m_i, l_i) of the query tile ``q``
     (M, BLOCK_D) whose rows sit at positions ``pos`` (M,): the first ``n_first`` tiles start at ``first``, the
@@ -132,15 +176,15 @@ def attend_tiles(
 
     Keys are read from ``k_base``/``v_base`` at token stride ``stride_kt``/``stride_vt`` (PAGE_SIZE = 0, dense
     K/V), or through a block table (PAGE_SIZE > 0: token t in page ``block_table_row[t // PAGE_SIZE]``, K and V
-    sharing the cache strides ``stride_page``/``stride_kt``); K/V may be fp8 and are converted to q's dtype.
+    sharing the cache strides ``stride_page``/``stride_kt``); K/V may be fp8 and are converted to q's dtype. With
+    ``DESC`` (dense only) ``k_base``/``v_base`` are tensor descriptors of one sequence's keys, (seqlen_k, HEAD_DIM)
+    with blocks (BLOCK_N, BLOCK_D): TMA loads on Hopper, rows past the sequence end read as zeros.
 
     Without MASKED every key of every tile is visible to every row: no mask is computed at all. With MASKED keys
     outside ``[key_lo, key_hi)`` are not loaded, and the causal diagonal and window are applied per element. A
     key hidden from a row must not influence it, even when its V holds an Inf/NaN (0 x Inf = NaN inside P·V):
-    masked tiles multiply P by V with its non-finite entries zeroed, and the rows that do see such a key are
-    set to NaN (the whole row: stricter than the arithmetic, which is non-finite only in the affected columns;
-    a second (M, N) x (N, D) flag product would be exact per column but costs a second fp32 accumulator, which
-    spilled). Unmasked tiles are untouched: there every row sees every key, so Inf/NaN propagate as they do.
+    a masked tile whose V holds one (a cheap whole-tile test decides) goes through :func:`_dot_non_finite_v`.
+    Unmasked tiles are untouched: there every row sees every key, so Inf/NaN propagate as they do.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -152,39 +196,49 @@ def attend_tiles(
             key_ok = (cols >= key_lo) & (cols < key_hi)
         else:
             key_ok = cols < key_hi
-        if PAGE_SIZE > 0:
-            k_rows, v_rows = tile_rows(k_base, v_base, block_table_row, stride_btp, start_n, key_lo, key_hi,
-                                       BLOCK_N, PAGE_SIZE, stride_page, stride_kt, False)  # fmt: skip
+        if DESC:
+            k = k_base.load([start_n, 0]).T
         else:
-            k_rows = k_base + cols.to(tl.int64) * stride_kt
-            v_rows = v_base + cols.to(tl.int64) * stride_vt
-        k_ptrs = k_rows[None, :] + offs_d[:, None] * stride_kd
-        v_ptrs = v_rows[:, None] + offs_d[None, :] * stride_vd
+            if PAGE_SIZE > 0:
+                k_rows, v_rows = tile_rows(k_base, v_base, block_table_row, stride_btp, start_n, key_lo, key_hi,
+                                           BLOCK_N, PAGE_SIZE, stride_page, stride_kt, False)  # fmt: skip
+            else:
+                k_rows = k_base + cols.to(tl.int64) * stride_kt
+                v_rows = v_base + cols.to(tl.int64) * stride_vt
+            k_ptrs = k_rows[None, :] + offs_d[:, None] * stride_kd
+            v_ptrs = v_rows[:, None] + offs_d[None, :] * stride_vd
+            if MASKED:
+                k = tl.load(k_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+            elif HEAD_DIM != BLOCK_D:
+                k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+        qk = tl.dot(q, k.to(q.dtype), input_precision=PRECISION)
+        x, x_scale = scores_and_scale(qk, qk_scale, softcap, HAS_SOFTCAP)
         if MASKED:
-            k = tl.load(k_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
-        elif HEAD_DIM != BLOCK_D:
-            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-        s = scale_scores(tl.dot(q, k.to(q.dtype), input_precision=PRECISION), qk_scale, softcap, HAS_SOFTCAP)
-        if MASKED:
-            visible = tl.broadcast_to(key_ok[None, :], (q.shape[0], BLOCK_N))
-            if CAUSAL:
-                visible &= cols[None, :] <= pos[:, None]
+            if CAUSAL:  # implies key_ok for every real row (pos < seqlen_k, and a window starts at key_lo or later)
+                visible = cols[None, :] <= pos[:, None]
+            else:
+                visible = tl.broadcast_to(key_ok[None, :], (q.shape[0], BLOCK_N))
             if HAS_WINDOW:
                 visible &= cols[None, :] > pos[:, None] - window
-            s = tl.where(visible, s, float("-inf"))
-        p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, s, MASKED)
+            x = tl.where(visible, x, float("-inf"))
+        p, alpha, m_i, l_i = online_softmax_scaled(m_i, l_i, x, x_scale, MASKED)
         if MASKED:
-            v = tl.load(v_ptrs, mask=d_ok[None, :] & key_ok[:, None], other=0.0).to(q.dtype)
-            finite = tl.abs(v.to(tl.float32)) < float("inf")
-            acc = tl.dot(p.to(q.dtype), tl.where(finite, v, 0.0).to(q.dtype), acc * alpha[:, None],
-                         input_precision=PRECISION)  # fmt: skip
-            key_bad = tl.max(tl.where(finite, 0, 1), axis=1)  # (BLOCK_N,): the key's value holds an Inf/NaN
-            row_bad = tl.max(tl.where(visible & (key_bad[None, :] > 0), 1, 0), axis=1)
-            acc = tl.where(row_bad[:, None] > 0, float("nan"), acc)
+            if DESC:  # keys outside [key_lo, key_hi) are real memory here: the V check below keeps them out
+                v = v_base.load([start_n, 0]).to(q.dtype)
+            else:
+                v = tl.load(v_ptrs, mask=d_ok[None, :] & key_ok[:, None], other=0.0).to(q.dtype)
+            # One cheap test per tile: 0·v sums to 0 unless the tile holds an Inf/NaN. Only then the exact repair.
+            if tl.sum(v.to(tl.float32) * 0.0) == 0.0:
+                acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+            else:
+                acc = _dot_non_finite_v(acc * alpha[:, None], p.to(q.dtype), v, cols, pos, key_lo, key_hi, window,
+                                        CAUSAL, HAS_WINDOW, PRECISION)  # fmt: skip
         else:
-            if HEAD_DIM != BLOCK_D:
+            if DESC:
+                v = v_base.load([start_n, 0])
+            elif HEAD_DIM != BLOCK_D:
                 v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
             else:
                 v = tl.load(v_ptrs)

@@ -16,6 +16,13 @@ Design points, each there for speed on Hopper/Ampere:
 - longest-first: with causal masking the query tiles near the end of a sequence do the most work, so they are
   launched first, which shortens the tail where few SMs are busy;
 - head dims that are not powers of two (96, 192) are padded inside the kernel with masked loads;
+- on Hopper (sm_90+), 16-bit inputs whose strides TMA can describe (:func:`tma_describable`) are read, and the
+  output written, through tensor descriptors (``tl.make_tensor_descriptor``, one per sequence and head, so the
+  TMA unit zero-fills past the sequence's end): no per-element address arithmetic in the key loop. The pointer
+  path (``cp.async``) serves sm_80, fp32 and any other strides; :func:`use_tensor_descriptors` forces either
+  (tests run both in the interpreter, which executes descriptor loads);
+- the softmax takes its row max over raw q·k and computes ``exp2(qk * scale - m)`` as one FFMA per score
+  (:func:`kernels._jit.online_softmax_scaled`);
 - tile shapes, warps and pipeline stages are autotuned per (head_dim, causal, dtype, sequence-length bucket).
 
 Layout: q (total_q, Hq, D), k/v (total_k, Hkv, D), any strides; cu_seqlens int32 (batch + 1,). Causal masking is
@@ -49,7 +56,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    STORE_LSE: tl.constexpr, PRECISION: tl.constexpr,
+    STORE_LSE: tl.constexpr, PRECISION: tl.constexpr, USE_DESC: tl.constexpr,
 ):
     head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -67,12 +74,18 @@ def _prefill_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen_q
     d_ok = offs_d < HEAD_DIM
-    q_ptrs = Q + (q_start + rows)[:, None].to(tl.int64) * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-
     kv_head = head // GROUP
+    q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
     k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+    if USE_DESC:  # one sequence's (tokens, HEAD_DIM) slab of one head each: TMA zero-fills past its end
+        q_desc = tl.make_tensor_descriptor(q_base, [seqlen_q, HEAD_DIM], [stride_qt, 1], [BLOCK_M, BLOCK_D])
+        q = q_desc.load([m0, 0])
+        k_base = tl.make_tensor_descriptor(k_base, [seqlen_k, HEAD_DIM], [stride_kt, 1], [BLOCK_N, BLOCK_D])
+        v_base = tl.make_tensor_descriptor(v_base, [seqlen_k, HEAD_DIM], [stride_vt, 1], [BLOCK_N, BLOCK_D])
+    else:
+        q_ptrs = q_base + rows[:, None].to(tl.int64) * stride_qt + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
 
     last_row = tl.minimum(m0 + BLOCK_M, seqlen_q) - 1
     key_lo, key_hi, head_lo, n_head, body_lo, n_body, tail_lo, n_tail = key_tiles(
@@ -84,35 +97,97 @@ def _prefill_kernel(
     acc, m_i, l_i = attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, cu_seqlens_k, 0, stride_kt, stride_kd, stride_vt, stride_vd, 0,
         body_lo, n_body, body_lo, n_body, key_lo, key_hi, rows + diag, window, qk_scale, softcap,
-        HEAD_DIM, BLOCK_D, BLOCK_N, 0, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+        HEAD_DIM, BLOCK_D, BLOCK_N, 0, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PRECISION, USE_DESC)
     acc, m_i, l_i = attend_tiles(
         acc, m_i, l_i, q, k_base, v_base, cu_seqlens_k, 0, stride_kt, stride_kd, stride_vt, stride_vd, 0,
         head_lo, n_head, tail_lo, n_head + n_tail, key_lo, key_hi, rows + diag, window, qk_scale, softcap,
-        HEAD_DIM, BLOCK_D, BLOCK_N, 0, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PRECISION)
+        HEAD_DIM, BLOCK_D, BLOCK_N, 0, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, PRECISION, USE_DESC)
     if HAS_SINKS:
         acc, m_i, l_i = add_sink(acc, m_i, l_i, tl.zeros([BLOCK_M], tl.float32) + tl.load(Sinks + head) * LOG2E)
 
     out, lse = softmax_finish(acc, m_i, l_i)
-    o_ptrs = Out + (q_start + rows)[:, None].to(tl.int64) * stride_ot + head * stride_oh + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    o_base = Out + q_start.to(tl.int64) * stride_ot + head * stride_oh
+    if USE_DESC:  # the store is clipped to the sequence's rows and HEAD_DIM columns
+        o_desc = tl.make_tensor_descriptor(o_base, [seqlen_q, HEAD_DIM], [stride_ot, 1], [BLOCK_M, BLOCK_D])
+        o_desc.store([m0, 0], out.to(Out.dtype.element_ty))
+    else:
+        o_ptrs = o_base + rows[:, None].to(tl.int64) * stride_ot + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     if STORE_LSE:
         tl.store(Lse + (q_start + rows).to(tl.int64) * num_q_heads + head, lse, mask=row_ok)
 # fmt: on
 
 
-def default_config(head_dim: int, dtype: torch.dtype, arch: int = 90) -> dict:
+def tma_describable(*tensors: torch.Tensor) -> bool:
+    """Whether TMA can describe each tensor's per-head (tokens, head_dim) slabs: last stride 1, every other stride
+    a multiple of 16 bytes, the data 16-byte aligned (what ``tl.make_tensor_descriptor`` requires)."""
+    for t in tensors:
+        elem = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * elem % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+TENSOR_DESCRIPTORS: bool = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+"""Whether this Triton has device-side tensor descriptors (``tl.make_tensor_descriptor``: 3.4 and later)."""
+
+_forced_desc: contextvars.ContextVar[bool | None] = contextvars.ContextVar("prefill_desc", default=None)
+
+
+@contextlib.contextmanager
+def use_tensor_descriptors(enabled: bool) -> Iterator[None]:
+    """Force the tensor-descriptor path on (where the strides allow it) or off, on any architecture (tests run
+    both paths in the interpreter; the default is on for 16-bit inputs on sm_90+)."""
+    token = _forced_desc.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _forced_desc.reset(token)
+
+
+def _wants_descriptors(dtype: torch.dtype, arch: int) -> bool:
+    forced = _forced_desc.get()
+    if forced is not None:
+        return forced and TENSOR_DESCRIPTORS
+    return TENSOR_DESCRIPTORS and not _runtime.INTERPRET and arch >= 90 and dtype in (torch.float16, torch.bfloat16)
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-side descriptors live in a global-memory scratch that Triton asks an allocator for at launch; set
+    one (torch's caching allocator) unless the caller has set their own."""
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or current.get() is getattr(_allocation, "_NULL_ALLOCATOR", None):
+        triton.set_allocator(_scratch)
+
+
+def default_config(head_dim: int, dtype: torch.dtype, arch: int = 90, desc: bool | None = None) -> dict:
     """The heuristic tile config (used in the interpreter, and on the GPU when autotuning is off); ``arch`` is
-    the compute capability as major * 10 + minor. Chosen spill-free on sm_90/sm_80 by ``bench/compile_check.py``."""
+    the compute capability as major * 10 + minor, ``desc`` whether the tensor-descriptor path runs (default: the
+    launcher's choice for ``dtype`` on ``arch``). Chosen spill-free on sm_90/sm_80 by ``bench/compile_check.py``."""
+    if desc is None:
+        desc = _wants_descriptors(dtype, arch)
     if _runtime.INTERPRET:  # big tiles = few programs, which is what makes the interpreter fast
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:  # IEEE fp32 dots are FMA loops: small tiles, many warps, or they spill
         return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2}
     # 8 warps everywhere: the masked tiles hold their V tile in registers (the non-finite check of
     # kernels._jit.attend_tiles), which spilled at 4 warps (d64), 3 stages (d128) and 64-key tiles (d256).
+    # The descriptor path holds no per-element addresses, which makes room for 128-key tiles at d64/d128: the
+    # accumulator rescale and the row reductions are paid per 128 keys (bench/NOTES.md, issue 17).
     if head_dim <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+        return {"BLOCK_M": 128, "BLOCK_N": 128 if desc else 64, "num_warps": 8, "num_stages": 3}
     if head_dim <= 128:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+        if desc:
+            return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2 if arch >= 90 else 3}
+    if desc:
+        return {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
     if arch >= 90:
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}  # Ampere's mma.sync needs more registers
@@ -121,33 +196,62 @@ def default_config(head_dim: int, dtype: torch.dtype, arch: int = 90) -> dict:
 TUNING_SPACE = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
     (128, 128, 8, 3),
     (128, 64, 8, 3),
-    (128, 64, 4, 3),
     (128, 128, 8, 2),
     (128, 64, 8, 4),
     (64, 64, 4, 3),
-    (64, 128, 4, 3),
     (128, 32, 4, 3),
     (64, 32, 4, 2),
     (64, 64, 8, 2),
+    (128, 32, 8, 2),
+    (32, 32, 4, 2),
 ]
 
+# The smallest BLOCK_D at which a config of TUNING_SPACE spills registers, on sm_90's descriptor path and on the
+# pointer path (sm_80, the stricter of the two), read by `bench/compile_check.py --tuned` (triton 3.9, bf16 causal;
+# bench/NOTES.md); absent: no spills up to 256. 128x64/4 warps/3 stages and 64x128/4/3 spilled at every head dim
+# on one of the two and left the space.
+_SPILLS_FROM = {
+    (128, 128, 8, 3): (256, 128),
+    (128, 64, 8, 3): (256, 256),
+    (128, 128, 8, 2): (256, 128),
+    (128, 64, 8, 4): (256, 256),
+    (64, 64, 4, 3): (256, 128),
+    (128, 32, 4, 3): (256, 128),
+    (64, 32, 4, 2): (256, 256),
+    (64, 64, 8, 2): (512, 256),
+    (128, 32, 8, 2): (512, 256),
+}
 
-def _fits(config: triton.Config, block_d: int, elem: int) -> bool:
-    """Whether a tile config's shared memory (q tile + pipelined K/V tiles) fits comfortably on the SM."""
+
+def _fits(config: triton.Config, block_d: int, elem: int, desc: bool = True) -> bool:
+    """Whether a tile config's shared memory (q tile + pipelined K/V tiles) fits comfortably on the SM, and its
+    registers do (no spills at this head dim on the descriptor path, or the pointer path)."""
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     smem = (bm * block_d + config.num_stages * 2 * bn * block_d) * elem
-    return smem <= 200 * 1024 and not (block_d >= 256 and bm * bn > 128 * 64)
+    spills_from = _SPILLS_FROM.get((bm, bn, config.num_warps, config.num_stages), (512, 512))[0 if desc else 1]
+    return smem <= 200 * 1024 and not (block_d >= 256 and bm * bn > 128 * 64) and block_d < spills_from
 
 
 def _prune(configs, named_args, **kwargs):
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    desc = kwargs.get("USE_DESC", named_args.get("USE_DESC", True))
     elem = named_args["Q"].element_size()
-    return [c for c in configs if _fits(c, block_d, elem)] or configs[-1:]
+    return [c for c in configs if _fits(c, block_d, elem, desc)] or configs[-1:]
 
 
 _autotuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in TUNING_SPACE],
-    key=["HEAD_DIM", "CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_SINKS", "seqlen_bucket", "GROUP", "PRECISION"],
+    key=[
+        "HEAD_DIM",
+        "CAUSAL",
+        "HAS_WINDOW",
+        "HAS_SOFTCAP",
+        "HAS_SINKS",
+        "seqlen_bucket",
+        "GROUP",
+        "PRECISION",
+        "USE_DESC",
+    ],
     prune_configs_by={"early_config_prune": _prune},
 )(_prefill_kernel)
 
@@ -294,6 +398,7 @@ def launch_spec(
     with_sinks: bool,
     return_lse: bool,
     config: dict,
+    use_desc: bool = False,
 ) -> tuple:
     """The kernel launch that host metadata implies, shared by :func:`launch` and :class:`PrefillPlan`: (grid,
     the scalar arguments after the strides, the constexpr and config keyword arguments). The grid is a function
@@ -323,6 +428,7 @@ def launch_spec(
         "HAS_SINKS": with_sinks,
         "STORE_LSE": return_lse,
         "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "USE_DESC": use_desc,
         **config,
     }
     return grid, scalars, constexprs
@@ -381,14 +487,18 @@ def launch(
     out = _runtime.empty((total_q, num_q_heads, head_dim), q.dtype, q.device)
     lse = _runtime.empty((total_q, num_q_heads) if return_lse else (1,), torch.float32, q.device)
     if total_q > 0 and batch > 0 and max_seqlen_q > 0:
+        arch = _runtime.arch(q.device)
+        use_desc = _wants_descriptors(q.dtype, arch) and tma_describable(q, k, v, out)
         forced = _forced_config.get()
         if forced is None and _runtime.AUTOTUNE:
             kernel, config = _autotuned, {}
         else:
-            kernel, config = _prefill_kernel, forced or default_config(head_dim, q.dtype, _runtime.arch(q.device))
+            kernel, config = _prefill_kernel, forced or default_config(head_dim, q.dtype, arch, use_desc)
+        if use_desc and not _runtime.INTERPRET:
+            _ensure_allocator()
         grid, scalars, constexprs = launch_spec(
             batch, max_seqlen_q, num_q_heads, k.shape[1], head_dim, q.dtype, causal, sm_scale, window, softcap,
-            sinks is not None, return_lse, config,
+            sinks is not None, return_lse, config, use_desc,
         )  # fmt: skip
         issue(kernel[grid], q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, sinks, scalars, constexprs)
     elif return_lse:
@@ -407,7 +517,9 @@ class PrefillPlan(_plan.AttentionPlan):
             (total_k, num_kv_heads, head_dim), all of ``dtype`` on ``device``.
         causal, sm_scale, window, softcap, return_lse: as in :func:`prefill_attention`.
         with_sinks: every :meth:`run` gets this layer's ``sinks`` (float32 (num_q_heads,)).
-        config: ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` (default: :func:`default_config`).
+        config: ``{"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}`` (default: :func:`default_config`; on sm_90
+            it is chosen for the tensor-descriptor path, which :meth:`run` leaves for the pointer path only when
+            the strides it is given cannot be described).
     """
 
     def __init__(
@@ -449,7 +561,9 @@ class PrefillPlan(_plan.AttentionPlan):
         _validate.window(window)
         if window is not None and not causal:
             raise ValueError("window requires causal=True (a sliding window is a causal mask with a lower edge)")
-        config = config or default_config(head_dim, dtype)
+        arch = _runtime.arch(device)
+        self._desc = _wants_descriptors(dtype, arch)
+        config = config or default_config(head_dim, dtype, arch, self._desc)
         longest_q = max(lens_q, default=0)
         m_blocks = triton.cdiv(longest_q, config["BLOCK_M"])
         if m_blocks > MAX_GRID_YZ:
@@ -466,9 +580,12 @@ class PrefillPlan(_plan.AttentionPlan):
         self._launches = total_q > 0 and batch > 0 and longest_q > 0
         grid, self._scalars, self._constexprs = launch_spec(
             batch, longest_q, num_q_heads, num_kv_heads, head_dim, dtype, causal, sm_scale, window, softcap,
-            with_sinks, return_lse, config,
+            with_sinks, return_lse, config, self._desc,
         )  # fmt: skip
+        self._pointer_constexprs = {**self._constexprs, "USE_DESC": False}  # for strides TMA cannot describe
         self._kernel = _prefill_kernel[grid(self._constexprs)]  # bound once: run only calls it
+        if self._desc and self._launches and not _runtime.INTERPRET:
+            _ensure_allocator()
 
     def run(
         self,
@@ -493,7 +610,10 @@ class PrefillPlan(_plan.AttentionPlan):
         sinks = self._sinks(sinks)
         out, lse = self._outputs(out, lse)
         if self._launches:
-            issue(self._kernel, q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, sinks, self._scalars, self._constexprs)
+            constexprs = self._constexprs
+            if self._desc and not tma_describable(q, k, v, out):
+                constexprs = self._pointer_constexprs
+            issue(self._kernel, q, k, v, cu_seqlens_q, cu_seqlens_k, out, lse, sinks, self._scalars, constexprs)
         elif self.return_lse:
             lse.fill_(float("-inf"))
         return (out, lse) if self.return_lse else out

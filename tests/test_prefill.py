@@ -268,3 +268,71 @@ def test_every_tuning_config_is_correct(gen, head_dim, config):
     with prefill.use_config(block_m, block_n, warps, stages):
         run_case(gen, [1, 130, 257, 0], [1, 200, 257, 0], 8, 2, head_dim, torch.bfloat16, causal=True)
         run_case(gen, [77], [77], 4, 4, head_dim, torch.float16, causal=True, window=40, softcap=10.0)
+
+
+# --- the tensor-descriptor (TMA) path: the same checks through tl.make_tensor_descriptor -------------------------
+
+
+@pytest.fixture
+def descriptors(monkeypatch):
+    """Prefill forced onto the tensor-descriptor path; yields the USE_DESC value of every launch (strides TMA
+    cannot describe still take the pointer path)."""
+    taken = []
+    original = prefill.issue
+
+    def spy(kernel, *args):
+        taken.append(args[-1]["USE_DESC"])
+        return original(kernel, *args)
+
+    monkeypatch.setattr(prefill, "issue", spy)
+    with prefill.use_tensor_descriptors(True):
+        yield taken
+
+
+DESC_CASES = {  # (lens_q, lens_k, hq, hkv, head_dim, dtype, options)
+    "d96 padded, empty sequence": ([37, 0, 100], [37, 0, 100], 2, 1, 96, torch.bfloat16, {}),
+    "block edges": ([1, 63, 64, 65, 128, 129, 0, 2], [1, 63, 64, 65, 128, 129, 0, 2], 2, 1, 64, torch.float16, {}),
+    "fewer queries than keys, GQA 4": ([1, 17, 70], [50, 17, 150], 4, 1, 128, torch.bfloat16, {}),
+    "window and sinks": ([70, 30, 9], [70, 130, 4], 4, 2, 64, torch.float32, {"window": 20, "sinks": True}),
+    "softcap, not causal": ([90, 30], [40, 130], 2, 2, 64, torch.float16, {"causal": False, "softcap": 3.0}),
+}
+
+
+@pytest.mark.parametrize("case", DESC_CASES.values(), ids=DESC_CASES.keys())
+def test_tensor_descriptor_path(gen, descriptors, case):
+    lens_q, lens_k, hq, hkv, d, dtype, kw = case
+    if kw.get("sinks"):
+        kw = {**kw, "sinks": randn(hq, dtype=torch.float32, generator=gen) * 3}
+    run_case(gen, lens_q, lens_k, hq, hkv, d, dtype, **kw)
+    assert descriptors == [True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensor_descriptor_path_reads_nothing_past_a_sequence(gen, descriptors, dtype):
+    # The descriptors cover one sequence each: the masked tail tile of sequence 0 (70 keys, tiles of 64) reaches
+    # into sequence 1, whose first value row is Inf, and a later query row there sees a key that is Inf; rows that
+    # cannot see a poisoned key must match the reference, the rows that do see one must be non-finite.
+    lens = [70, 50]
+    q = randn(120, 2, 64, dtype=dtype, generator=gen)
+    k = randn(120, 2, 64, dtype=dtype, generator=gen)
+    v = randn(120, 2, 64, dtype=dtype, generator=gen)
+    cu = cu_seqlens(lens)
+    ref, _ = prefill_attention_ref(q, k, v, cu, cu)
+    v[70, 1, 3] = float("inf")  # sequence 1's key 0: seen by all of sequence 1, never by sequence 0
+    out = prefill_attention(q, k, v, cu, cu)
+    assert descriptors == [True]
+    assert rel_err(out[:70], ref[:70]) < TOL[dtype]
+    assert not torch.isfinite(out[70:, 1]).all(dim=-1).any() and rel_err(out[70:, 0], ref[70:, 0]) < TOL[dtype]
+
+
+def test_strides_tma_cannot_describe_take_the_pointer_path(gen, descriptors):
+    total, hq, hkv, d = 75, 4, 2, 64
+    qkv = randn(total, hq + 2 * hkv, d, dtype=torch.bfloat16, generator=gen)
+    q, k, v = qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]  # packed projection: describable
+    cu = cu_seqlens([30, 45])
+    ref, _ = prefill_attention_ref(q, k, v, cu, cu)
+    q_t = q.transpose(0, 2).contiguous().transpose(0, 2)  # head_dim stride != 1: not describable
+    assert prefill.tma_describable(q, k, v) and not prefill.tma_describable(q_t)
+    assert rel_err(prefill_attention(q, k, v, cu, cu), ref) < TOL[torch.bfloat16]
+    assert rel_err(prefill_attention(q_t, k, v, cu, cu), ref) < TOL[torch.bfloat16]
+    assert descriptors == [True, False]
