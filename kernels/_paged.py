@@ -165,7 +165,7 @@ def attention_constexprs(
     and dtype, where the fp8 scales live, and which options, split partials and LSE output the launch has."""
     return {
         "HEAD_DIM": layout.head_dim,
-        "BLOCK_D": triton.next_power_of_2(layout.head_dim),
+        "BLOCK_D": _runtime.next_power_of_2(layout.head_dim),
         "PAGE_SIZE": layout.page_size,
         "IS_FP8": layout.is_fp8,
         "K_SCALE_IN_MEMORY": ks_in_memory,

@@ -63,6 +63,17 @@ def check_device(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {t.device}: phaseattn's compiled kernels need CUDA tensors")
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1). Host code uses this, not ``triton.next_power_of_2``: that is a
+    Triton constexpr function (a wrapper that unwraps its arguments), several µs per call on a launch path."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of host ints (``triton.cdiv`` is a constexpr-function wrapper too, see next_power_of_2)."""
+    return -(-a // b)
+
+
 def sm_count(device: torch.device) -> int:
     """Number of streaming multiprocessors (a nominal 132 when interpreting, so heuristics stay deterministic)."""
     if device.type == "cuda":

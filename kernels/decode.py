@@ -200,7 +200,7 @@ def default_config(head_dim: int, group: int, dtype: torch.dtype) -> dict:
         return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:  # IEEE fp32 dots are FMA loops: small tiles, no pipelining, or they spill
         return {"BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
-    if max(16, triton.next_power_of_2(group)) * triton.next_power_of_2(head_dim) > 16 * 128:
+    if max(16, _runtime.next_power_of_2(group)) * _runtime.next_power_of_2(head_dim) > 16 * 128:
         return {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3}  # big q tile and accumulator: smaller KV tiles
     return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
 
@@ -381,11 +381,11 @@ def launch_spec(
         log2_logit_scale(head_dim, sm_scale),
         float(softcap or 0.0),
         int(window or 0),
-        min(8, triton.next_power_of_2(triton.cdiv(max(programs, 1), _runtime.sm_count(device)))),
+        min(8, _runtime.next_power_of_2(_runtime.cdiv(max(programs, 1), _runtime.sm_count(device)))),
     )
     constexprs = {
         "GROUP": group,
-        "BLOCK_H": max(16, triton.next_power_of_2(group)),
+        "BLOCK_H": max(16, _runtime.next_power_of_2(group)),
         **_paged.attention_constexprs(
             layout, q_dtype, ks_in_memory, vs_in_memory, window, softcap, with_sinks, num_splits, return_lse
         ),

@@ -151,7 +151,7 @@ def launch_spec(
 ) -> tuple[tuple[int, int], dict]:
     """The kernel launch that host metadata implies, shared by :func:`launch` and :class:`WriteKVPlan`: (grid,
     the constexpr and config keyword arguments)."""
-    block_d = triton.next_power_of_2(layout.head_dim)
+    block_d = _runtime.next_power_of_2(layout.head_dim)
     block_t = _block_tokens(block_d)
     constexprs = {
         "HEAD_DIM": layout.head_dim,
@@ -163,7 +163,7 @@ def launch_spec(
         "V_SCALE_IN_MEMORY": vs_in_memory,
         "num_warps": 4,
     }
-    return (triton.cdiv(num_tokens, block_t), layout.num_kv_heads), constexprs
+    return (_runtime.cdiv(num_tokens, block_t), layout.num_kv_heads), constexprs
 
 
 def issue(

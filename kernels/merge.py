@@ -142,8 +142,8 @@ def merge_splits(
     """Launch :func:`merge_splits_kernel`: part_out (rows, Hq, S, D) and part_lse (rows, Hq, S) float32,
     contiguous, into out (rows, Hq, D) (any strides) and, with ``store_lse``, lse (rows, Hq) contiguous."""
     rows, num_q_heads, num_splits, head_dim = part_out.shape
-    block_d = triton.next_power_of_2(head_dim)
-    block_s = triton.next_power_of_2(num_splits)
+    block_d = _runtime.next_power_of_2(head_dim)
+    block_s = _runtime.next_power_of_2(num_splits)
     if not _runtime.INTERPRET:  # bound the (BLOCK_S, head_dim) fp32 tile held in registers
         block_s = min(block_s, max(16, 4096 // block_d))
     merge_splits_kernel[(rows, num_q_heads)](
@@ -223,9 +223,9 @@ def launch(
     num_rows = num_tokens * num_heads
     if num_rows == 0:
         return out, lse
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = _runtime.next_power_of_2(head_dim)
     block_r = max(1, min(64, 4096 // block_d))
-    _merge_states_kernel[(triton.cdiv(num_rows, block_r),)](
+    _merge_states_kernel[(_runtime.cdiv(num_rows, block_r),)](
         out_a,
         lse_a,
         out_b,

@@ -123,16 +123,16 @@ def launch_config(max_seqlen_q: int, group: int, head_dim: int, dtype: torch.dty
     """The tile configuration for a batch whose longest query run is ``max_seqlen_q``: BLOCK_Q queries × GROUP_P
     heads per tile (BLOCK_M rows), BLOCK_N keys per KV tile, warps and pipeline stages. ``dtype`` is q's.
     Chosen spill-free on sm_90/sm_80 by ``bench/compile_check.py``."""
-    group_p = triton.next_power_of_2(group)
-    block_d = triton.next_power_of_2(head_dim)
+    group_p = _runtime.next_power_of_2(group)
+    block_d = _runtime.next_power_of_2(head_dim)
     most = 128 if block_d <= 128 else 64  # prefill's query tiles: the accumulator must stay in registers
     if max_seqlen_q <= SHORT_QUERIES:  # the whole run in one tile (decode's layout when it is one query)
-        rows = min(triton.next_power_of_2(max(max_seqlen_q, 1)) * group_p, most)
+        rows = min(_runtime.next_power_of_2(max(max_seqlen_q, 1)) * group_p, most)
     elif _runtime.INTERPRET or dtype == torch.float32:  # big tiles for the interpreter; fp32 FMA dots: small
         rows = 64 if _runtime.INTERPRET else 32
     else:
         rows = most
-    block_q = max(1, rows // group_p, triton.cdiv(16, group_p))  # tensor-core dots need 16 rows
+    block_q = max(1, rows // group_p, _runtime.cdiv(16, group_p))  # tensor-core dots need 16 rows
     block_m = block_q * group_p
     if _runtime.INTERPRET:  # the interpreter's cost is per program and per loop iteration: big tiles
         block_n, warps, stages = 64, 4, 1
@@ -162,7 +162,7 @@ def plan_num_splits(
     per step and pass it, making the launch sync-free): decode's rule (:func:`kernels.decode.choose_num_splits`)
     with batch × query tiles programs per KV head, and the keys one query tile sees as the context."""
     config = launch_config(max_seqlen_q, num_q_heads // num_kv_heads, head_dim, dtype)
-    q_tiles = triton.cdiv(max_seqlen_q, config["BLOCK_Q"])
+    q_tiles = _runtime.cdiv(max_seqlen_q, config["BLOCK_Q"])
     context = longest if window is None else min(longest, window + config["BLOCK_Q"])
     return choose_num_splits(batch * q_tiles, num_kv_heads, context, _runtime.sm_count(device))
 
@@ -347,11 +347,11 @@ def launch_spec(
     (grid, the scalar arguments after the strides, the constexpr and config keyword arguments); ``config`` is a
     :func:`launch_config`-shaped dict. The grid is empty (a 0) when there is nothing to launch."""
     group = num_q_heads // layout.num_kv_heads
-    q_tiles = triton.cdiv(max_seqlen_q, config["BLOCK_Q"])
+    q_tiles = _runtime.cdiv(max_seqlen_q, config["BLOCK_Q"])
     scalars = (batch, num_q_heads, log2_logit_scale(layout.head_dim, sm_scale), float(softcap or 0.0), int(window or 0))
     constexprs = {
         "GROUP": group,
-        "GROUP_P": triton.next_power_of_2(group),
+        "GROUP_P": _runtime.next_power_of_2(group),
         "CAUSAL": bool(causal),
         **_paged.attention_constexprs(
             layout, q_dtype, ks_in_memory, vs_in_memory, window, softcap, with_sinks, num_splits, return_lse
@@ -518,7 +518,7 @@ class PagedPrefillPlan(_plan.AttentionPlan):
         max_seqlen_q = max(q_lens, default=0)
         group = num_q_heads // layout.num_kv_heads
         config = config or launch_config(max_seqlen_q, group, layout.head_dim, q_dtype)
-        q_tiles = triton.cdiv(max_seqlen_q, config["BLOCK_Q"])
+        q_tiles = _runtime.cdiv(max_seqlen_q, config["BLOCK_Q"])
         if num_splits is None:
             context = longest if window is None else min(longest, window + max_seqlen_q)
             num_splits = choose_num_splits(batch * q_tiles, layout.num_kv_heads, context, _runtime.sm_count(device))

@@ -406,7 +406,7 @@ def launch_spec(
     ``{}``); it raises ValueError when the query tiles do not fit the grid."""
 
     def grid(meta: dict) -> tuple[int, int, int]:
-        m_blocks = triton.cdiv(max_seqlen_q, meta["BLOCK_M"])
+        m_blocks = _runtime.cdiv(max_seqlen_q, meta["BLOCK_M"])
         if m_blocks > MAX_GRID_YZ:
             raise ValueError(f"max_seqlen_q={max_seqlen_q} needs more than {MAX_GRID_YZ} query tiles")
         return (num_q_heads, batch, m_blocks)
@@ -416,12 +416,12 @@ def launch_spec(
         log2_logit_scale(head_dim, sm_scale),
         float(softcap or 0.0),
         int(window or 0),
-        min(triton.next_power_of_2(max(max_seqlen_q, 1)), 16384),
+        min(_runtime.next_power_of_2(max(max_seqlen_q, 1)), 16384),
     )
     constexprs = {
         "GROUP": num_q_heads // num_kv_heads,
         "HEAD_DIM": head_dim,
-        "BLOCK_D": triton.next_power_of_2(head_dim),
+        "BLOCK_D": _runtime.next_power_of_2(head_dim),
         "CAUSAL": bool(causal),
         "HAS_WINDOW": window is not None,
         "HAS_SOFTCAP": softcap is not None,
@@ -565,7 +565,7 @@ class PrefillPlan(_plan.AttentionPlan):
         self._desc = _wants_descriptors(dtype, arch)
         config = config or default_config(head_dim, dtype, arch, self._desc)
         longest_q = max(lens_q, default=0)
-        m_blocks = triton.cdiv(longest_q, config["BLOCK_M"])
+        m_blocks = _runtime.cdiv(longest_q, config["BLOCK_M"])
         if m_blocks > MAX_GRID_YZ:
             raise ValueError(f"the longest query sequence ({longest_q}) needs more than {MAX_GRID_YZ} query tiles")
 
