@@ -343,3 +343,37 @@ def test_status_lines_are_clipped_at_word_boundaries():
     kept = short.removesuffix(" ...").split()
     assert kept == reason.split()[: len(kept)]  # whole words only, the last one included
     assert clip("fits as is", 90) == "fits as is"
+
+
+def test_step_command_smoke(tmp_path):
+    """``python -m bench step --smoke``: real kernels through the interpreter, eager steps timed, graphs skipped on
+    CPU; the admission step and the warm-up step are excluded (the contexts say which steps were timed)."""
+    out, prompt = tmp_path / "step.json", 16
+    args = ["--smoke", "--batches", "2", "--prompt-len", str(prompt), "--warmup-steps", "1", "--steps", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "step", *args, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["schema"] == "phaseattn-bench-step/1" and data["status"] == "complete"
+    assert data["performance_numbers"] is False and "NOT performance" in data["notice"]
+    assert "device_name" in data["environment"] and data["environment"]["git_commit"]
+    assert [m["name"] for m in data["models"]] == ["tiny", "llama8b"]
+    assert data["models"][1]["heads"] == "32/8" and data["models"][1]["head_dim"] == 128
+    rows = {(r["model"], r["batch"], r["mode"]): r for r in data["rows"]}
+    assert set(rows) == {(m, b, mode) for m in ("tiny", "llama8b") for b in (2,) for mode in ("eager", "graph")}
+    for (_, batch, mode), r in rows.items():
+        if mode == "graph":
+            assert r["status"] == "skipped: CUDA graphs need a CUDA device" and r["speedup_vs_eager"] is None
+            continue
+        assert r["status"] == "ok" and r["steps"] == 1 and r["speedup_vs_eager"] == 1.0
+        assert r["step_ms_q20"] <= r["step_ms"] <= r["step_ms_q80"] and r["step_ms"] > 0
+        assert r["tokens_per_s"] == pytest.approx(batch / r["step_ms"] * 1e3)
+        # prompt + first token in the cache; step 0 admits (writes key prompt+1), step 1 warms up, step 2 is timed
+        assert r["prompt_len"] == prompt and r["context_min"] == r["context_max"] == prompt + 3
+    assert "ms/step" in done.stdout and "tokens/s" in done.stdout and "skipped: CUDA graphs" in done.stdout
+    assert "llama8b: 2 layers, hidden 16, heads 32/8 x 128" in done.stdout
