@@ -20,7 +20,7 @@ step time. A step includes the scheduler, metadata build and copy, the forward, 
 served token costs. tokens/s = batch / step time; ``speedup_vs_eager`` = eager step time / this mode's.
 
 Pools are sized for exactly the run (``batch`` sequences of prompt + generated tokens, pages of 16, prefix cache
-off): for the 8B shape at batch 64 and prompt 512, about 4.6 GB of bf16 KV per pool (128 KiB per token), two
+off): for the 8B shape at batch 64 and prompt 512, about 4.7 GB of bf16 KV per pool (128 KiB per token), two
 pools (prefill and decode), next to 16 GB of weights. On CPU graphs are reported as skipped.
 """
 
