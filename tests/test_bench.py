@@ -309,17 +309,17 @@ def test_stubbed_launches_run_everything_but_the_kernel(gen):
     assert not torch.isnan(kernels.prefill_attention(q, k, v, cu, cu)).any()
 
 
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    """``python -m bench ARGS`` in a subprocess from the repository root; it must exit 0."""
+    done = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 def test_host_command_writes_its_results(tmp_path):
     out = tmp_path / "host.json"
     args = ["--calls", "2", "--rounds", "1", "--engine-batches", "1,3", "--engine-layers", "2", "--engine-steps", "2"]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "host", *args, "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_bench("host", *args, "--out", str(out))
     data = json.loads(out.read_text())
     assert data["schema"] == "phaseattn-bench-host/1" and "device_name" in data["environment"]
     kernels_timed = {r["kernel"] for r in data["per_call"]}
@@ -350,14 +350,7 @@ def test_step_command_smoke(tmp_path):
     CPU; the admission step and the warm-up step are excluded (the contexts say which steps were timed)."""
     out, prompt = tmp_path / "step.json", 16
     args = ["--smoke", "--batches", "2", "--prompt-len", str(prompt), "--warmup-steps", "1", "--steps", "1"]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "step", *args, "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_bench("step", *args, "--out", str(out))
     data = json.loads(out.read_text())
     assert data["schema"] == "phaseattn-bench-step/1" and data["status"] == "complete"
     assert data["performance_numbers"] is False and "NOT performance" in data["notice"]
