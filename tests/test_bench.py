@@ -370,3 +370,40 @@ def test_step_command_smoke(tmp_path):
         assert r["prompt_len"] == prompt and r["context_min"] == r["context_max"] == prompt + 3
     assert "ms/step" in done.stdout and "tokens/s" in done.stdout and "skipped: CUDA graphs" in done.stdout
     assert "llama8b: 2 layers, hidden 16, heads 32/8 x 128" in done.stdout
+
+
+@pytest.fixture
+def small_llama(monkeypatch):
+    """``bench.step``'s full-size builder (weights drawn in place in bf16 on the kernels' device) on a shrunken
+    Llama shape that keeps 8B's attention geometry."""
+    from bench import step
+    from kernels import _runtime
+
+    monkeypatch.setattr(step, "LLAMA3_8B", rl.ModelShape("small", 2, 256, 32, 8, 128, 512, 1000))
+    return step.llama8b_model(torch.device(_runtime.DEVICE_TYPE), smoke=False)
+
+
+def test_step_full_size_builder_path(small_llama):
+    from bench import step
+
+    c = small_llama.config
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (2, 256, 32, 8, 128)
+    assert small_llama.dtype == torch.bfloat16 and c.max_position_embeddings == 8192
+    assert all(torch.isfinite(p).all() and p.std() > 0 for p in small_llama.parameters())
+    row = step.measure(small_llama, step.Mode("eager", False, False), batch=2, prompt_len=16, warmup_steps=1, steps=1)
+    assert row["status"] == "ok" and row["context_min"] == 16 + 3 and row["step_ms"] > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_step_graph_mode_on_cuda(small_llama):
+    """On a GPU: graph rows are timed (replays after the capture, which falls in an excluded admission step)."""
+    from bench import step
+
+    rows = [
+        {"model": "small", **step.measure(small_llama, mode, batch=4, prompt_len=32, warmup_steps=2, steps=5)}
+        for mode in step.modes(with_compile=False)
+    ]
+    step.add_speedups(rows)
+    assert [r["status"] for r in rows] == ["ok", "ok"] and rows[1]["cuda_graph"] and rows[1]["steps"] == 5
+    assert rows[0]["speedup_vs_eager"] == 1.0 and rows[1]["speedup_vs_eager"] > 0
