@@ -55,6 +55,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _choices(allowed: tuple[str, ...]):
     def parse(text: str) -> tuple[str, ...]:
         items = tuple(t.strip() for t in text.split(",") if t.strip())
@@ -133,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--models", type=_choices(("tiny", "llama8b")), default="tiny,llama8b", help="models to run")
     g.add_argument("--prompt-len", type=_positive_int, help="prompt tokens (default 512; 16 with --smoke)")
     g.add_argument("--steps", type=_positive_int, help="timed full-batch steps (default 30; 2 with --smoke)")
-    g.add_argument("--warmup-steps", type=int, help="full-batch steps before them (default 5; 1 with --smoke)")
+    g.add_argument("--warmup-steps", type=_count, help="full-batch steps before them (default 5; 1 with --smoke)")
     g.add_argument("--compile", action="store_true", help="also time torch.compile'd steps, graphs off and on")
     g = p.add_argument_group("timing")
     g.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up time per measurement")

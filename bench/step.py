@@ -195,7 +195,7 @@ def format_table(data: dict[str, Any]) -> str:
     for m in data["models"]:
         lines.append(
             f"{m['name']}: {m['layers']} layers, hidden {m['hidden']}, heads {m['heads']} x {m['head_dim']}, "
-            f"MLP {m['intermediate']}, vocab {m['vocab']}, {m['dtype']}, {m['params'] / 1e9:.3f} B parameters"
+            f"MLP {m['intermediate']}, vocab {m['vocab']}, {m['dtype']}, {m['params'] / 1e6:,.1f} M parameters"
         )
     lines.append("")
     lines.append(
