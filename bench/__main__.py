@@ -5,6 +5,9 @@ results file after every measurement and printing a table at the end. See ``benc
 
 ``python -m bench host [--out FILE]`` measures the CPU cost of our launch path instead (kernels stubbed; runs on
 CPU and GPU alike): see :mod:`bench.host`.
+
+``python -m bench step [--smoke] [--compile] [--out FILE]`` times whole decode steps of the engine, CUDA graphs on
+and off: see :mod:`bench.step`.
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _choices(allowed: tuple[str, ...]):
     def parse(text: str) -> tuple[str, ...]:
         items = tuple(t.strip() for t in text.split(",") if t.strip())
@@ -78,7 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "device's ceilings measured in the same run.",
         formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("what", choices=("prefill", "decode", "extend", "all", "host"), help="which kernels to measure")
+    p.add_argument(
+        "what",
+        choices=("prefill", "decode", "extend", "all", "host", "step"),
+        help="which kernels to measure (host: the launch path's CPU cost; step: engine decode steps)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through the interpreter (not performance)")
     p.add_argument("--quick", action="store_true", help="only the headline shapes the README quotes")
     p.add_argument("--out", type=Path, help="results file (default: bench/results/<device>-<date>.json)")
@@ -122,6 +136,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--engine-layers", type=_positive_int, default=32, help="layers of the engine part's model")
     g.add_argument("--engine-steps", type=_positive_int, default=5, help="timed decode steps per batch size")
+    g = p.add_argument_group("step (engine decode steps; --batches: default 1,64, with --smoke 1,2)")
+    g.add_argument("--models", type=_choices(("tiny", "llama8b")), default="tiny,llama8b", help="models to run")
+    g.add_argument("--prompt-len", type=_positive_int, help="prompt tokens (default 512; 16 with --smoke)")
+    g.add_argument("--steps", type=_positive_int, help="timed full-batch steps (default 30; 2 with --smoke)")
+    g.add_argument("--warmup-steps", type=_count, help="full-batch steps before them (default 5; 1 with --smoke)")
+    g.add_argument("--compile", action="store_true", help="also time torch.compile'd steps, graphs off and on")
     g = p.add_argument_group("timing")
     g.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up time per measurement")
     g.add_argument("--rep-ms", type=float, default=100.0, help="do_bench measuring time per measurement")
@@ -182,12 +202,13 @@ def build_cases(args: argparse.Namespace) -> list:
     return merged
 
 
-def default_out(env: dict, smoke: bool) -> Path:
+def default_out(env: dict, smoke: bool, prefix: str = "") -> Path:
+    """bench/results/<prefix><device>-<date>.json; smoke runs: out/bench-<prefix>smoke.json."""
     if smoke:
-        return SMOKE_OUT
+        return SMOKE_OUT.with_name(f"bench-{prefix}smoke.json")
     slug = re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return RESULTS_DIR / f"{slug}-{stamp}.json"
+    return RESULTS_DIR / f"{prefix}{slug}-{stamp}.json"
 
 
 def host_main(args: argparse.Namespace) -> int:
@@ -214,6 +235,54 @@ def host_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def set_environment(args: argparse.Namespace) -> None:
+    """What must be decided before kernels is imported: smoke runs always go through the interpreter on CPU."""
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+    if args.no_autotune:
+        os.environ["PHASEATTN_AUTOTUNE"] = "0"
+    if args.cache_dir:
+        cache = args.cache_dir.resolve()
+        os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
+        os.environ["TRITON_CACHE_AUTOTUNING"] = "1"
+
+
+def step_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """``python -m bench step``: the table on stdout, the document rewritten after every row (``--out``, default
+    bench/results/step-<device>-<date>.json; with --smoke out/bench-step-smoke.json)."""
+    import kernels
+    from bench import results, step
+
+    if kernels._runtime.DEVICE_TYPE == "cpu" and not args.smoke:
+        print("no CUDA device: only `--smoke` runs here (its numbers are not performance numbers)", file=sys.stderr)
+        return 2
+    smoke = step.SMOKE if args.smoke else {}
+    out: list[Path] = []
+
+    def save(data: dict) -> None:
+        if not out:
+            out.append(args.out or default_out(data["environment"], args.smoke, "step-"))
+        results.write_json(out[0], data)
+
+    data = step.run(
+        models=args.models,
+        batches=args.batches or smoke.get("batches", (1, 64)),
+        prompt_len=args.prompt_len or smoke.get("prompt_len", 512),
+        warmup_steps=args.warmup_steps if args.warmup_steps is not None else smoke.get("warmup_steps", 5),
+        steps=args.steps or smoke.get("steps", 30),
+        with_compile=args.compile,
+        smoke=args.smoke,
+        command="python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        commit=args.commit,
+        save=save,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(step.format_table(data))
+    print(f"results: {out[0]}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Ctrl-C exits 130 with one line; a results file already started keeps every measurement taken, with status
     "interrupted"."""
@@ -236,16 +305,9 @@ def _main(argv: list[str] | None, progress: dict) -> int:
     args = parse_args(argv)
     if args.what == "host":
         return host_main(args)
-    # Both decided before kernels is imported: smoke runs always go through the interpreter on CPU.
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"
-    if args.no_autotune:
-        os.environ["PHASEATTN_AUTOTUNE"] = "0"
-    if args.cache_dir:
-        cache = args.cache_dir.resolve()
-        os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
-        os.environ["TRITON_CACHE_AUTOTUNING"] = "1"
+    set_environment(args)
+    if args.what == "step":
+        return step_main(args, argv)
 
     import torch
     from tqdm import tqdm

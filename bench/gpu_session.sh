@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-tool call: check the suite compiled on the GPU, run compute-sanitizer on the kernels, tune and time.
-# Usage: bash bench/gpu_session.sh STEP...   (steps: env tests sanitize tune-prefill bench-quick bench-sweep)
+# Usage: bash bench/gpu_session.sh STEP...   (steps: env tests sanitize tune-prefill bench-quick bench-sweep step)
 # Logs and results land in $OUT (the device tool brings them back). PHASEATTN_COMMIT=<sha> names the commit in
 # the bench results when the copied tree has no .git.
 set -uo pipefail
@@ -27,6 +27,9 @@ for step in "$@"; do
       timeout 480 python3 -m bench all --no-autotune --sweep-peers sdpa-flash,sdpa-cudnn --rep-ms 50 --budget-s 380 \
         ${PHASEATTN_COMMIT:+--commit $PHASEATTN_COMMIT} --out "$OUT/bench-sweep.json" \
         2>&1 | tee "$OUT/bench_sweep.log" | tail -40 ;;
+    step)  # engine decode step, CUDA graphs on/off: tiny and random Llama-8B shape, batch 1 and 64 (bench/step.py)
+      timeout 240 python3 -m bench step --no-autotune ${PHASEATTN_COMMIT:+--commit $PHASEATTN_COMMIT} \
+        --out "$OUT/bench-step.json" 2>&1 | tee "$OUT/bench_step.log" | tail -30 ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -279,6 +279,12 @@ def _timed_api(spent: list[int], calls: list[int]) -> Iterator[None]:
             setattr(owner, name, fn)
 
 
+def prompts(batch: int, prompt_len: int) -> list[list[int]]:
+    """``batch`` distinct prompts of ``prompt_len`` token ids (BOS of the tiny model, then ids in 32-231: valid in
+    any vocabulary of 258 or more); up to 200 rows, no two share a page, so no prefix cache would share them."""
+    return [[256, *[(7 * i + j) % 200 + 32 for j in range(prompt_len - 1)]] for i in range(batch)]
+
+
 def measure_engine(batch: int, *, prompt_len: int, steps: int, model) -> dict[str, Any]:
     """CPU time per decode step of ``model`` at ``batch`` (kernels stubbed); the first step (admission) excluded."""
     from disagg.engine import Engine
@@ -302,14 +308,13 @@ def measure_engine(batch: int, *, prompt_len: int, steps: int, model) -> dict[st
         return out
 
     engine.decode.step = timed_step
-    prompts = [[256, *[(7 * i + j) % 200 + 32 for j in range(prompt_len - 1)]] for i in range(batch)]
     params = SamplingParams(max_new_tokens=steps + 1, eos_token_ids=())
     threads = torch.get_num_threads()
     torch.set_flush_denormal(True)  # stubbed kernels leave garbage outputs: denormals would be slow
     torch.set_num_threads(1)  # the host's work is one thread's: thread time then covers all of it
     try:
         with stub_launches(), _timed_api(spent, calls):
-            engine.generate(prompts, params)
+            engine.generate(prompts(batch, prompt_len), params)
     finally:
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)

@@ -86,6 +86,13 @@ def measure(
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
+    return summarize(times, "wall clock on CPU (smoke: not a performance number)")
+
+
+def summarize(times_ms: Sequence[float], method: str) -> Timing:
+    """The median and 20th / 80th percentiles (nearest rank) of at least one time in milliseconds."""
+    if not times_ms:
+        raise ValueError("summarize needs at least one time")
+    times = sorted(times_ms)
     lo, hi = times[int(0.2 * (len(times) - 1))], times[math.ceil(0.8 * (len(times) - 1))]
-    return Timing(statistics.median(times), lo, hi, "wall clock on CPU (smoke: not a performance number)")
+    return Timing(statistics.median(times), lo, hi, method)

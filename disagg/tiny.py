@@ -44,22 +44,30 @@ CONFIG = ModelConfig(  # tiny-random's; tiny's is TRAINED_DIR/config.json
 )
 
 
-def state_dict(config: ModelConfig = CONFIG) -> dict[str, torch.Tensor]:
+def state_dict(
+    config: ModelConfig = CONFIG, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """``tiny-random``'s weights: float32 CPU tensors under Hugging Face names. Linear weights ~ N(0, 1/fan_in)
     keep activations O(1) through the layers, so logits are well spread and greedy decoding is stable across
     devices. Another Llama ``config`` (more layers, other shapes; untied embeddings) gets random weights drawn the
-    same way (tests, benchmarks)."""
-    gen = torch.Generator().manual_seed(SEED)
+    same way (tests, benchmarks). ``device``/``dtype``: draw them there, in that dtype (a full-size model's
+    weights straight on the GPU, e.g. for ``python -m bench step``); the values then come from that device's
+    generator, so only the CPU float32 default is the same on every machine."""
+    device = torch.device(device)
+    gen = torch.Generator(device).manual_seed(SEED)
     c = config
     q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
 
+    def randn(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=gen, device=device, dtype=dtype)
+
     def linear(out_features: int, in_features: int) -> torch.Tensor:
-        return torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+        return randn(out_features, in_features) / in_features**0.5
 
     def norm() -> torch.Tensor:
-        return 1.0 + 0.1 * torch.randn(c.hidden_size, generator=gen)
+        return 1.0 + 0.1 * randn(c.hidden_size)
 
-    tensors = {"model.embed_tokens.weight": torch.randn(c.vocab_size, c.hidden_size, generator=gen)}
+    tensors = {"model.embed_tokens.weight": randn(c.vocab_size, c.hidden_size)}
     for i in range(c.num_layers):
         p = f"model.layers.{i}."
         tensors[p + "input_layernorm.weight"] = norm()
@@ -73,7 +81,7 @@ def state_dict(config: ModelConfig = CONFIG) -> dict[str, torch.Tensor]:
         tensors[p + "mlp.down_proj.weight"] = linear(c.hidden_size, c.intermediate_size)
     tensors["model.norm.weight"] = norm()
     head = linear(c.vocab_size, c.hidden_size) * 4.0
-    printable = torch.zeros(c.vocab_size, dtype=torch.bool)
+    printable = torch.zeros(c.vocab_size, dtype=torch.bool, device=device)
     printable[32:127] = True
     tensors["lm_head.weight"] = head * printable[:, None]  # other tokens get logit 0: greedy text stays printable
     return tensors

@@ -309,17 +309,17 @@ def test_stubbed_launches_run_everything_but_the_kernel(gen):
     assert not torch.isnan(kernels.prefill_attention(q, k, v, cu, cu)).any()
 
 
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    """``python -m bench ARGS`` in a subprocess from the repository root; it must exit 0."""
+    done = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 def test_host_command_writes_its_results(tmp_path):
     out = tmp_path / "host.json"
     args = ["--calls", "2", "--rounds", "1", "--engine-batches", "1,3", "--engine-layers", "2", "--engine-steps", "2"]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "host", *args, "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_bench("host", *args, "--out", str(out))
     data = json.loads(out.read_text())
     assert data["schema"] == "phaseattn-bench-host/1" and "device_name" in data["environment"]
     kernels_timed = {r["kernel"] for r in data["per_call"]}
@@ -343,3 +343,67 @@ def test_status_lines_are_clipped_at_word_boundaries():
     kept = short.removesuffix(" ...").split()
     assert kept == reason.split()[: len(kept)]  # whole words only, the last one included
     assert clip("fits as is", 90) == "fits as is"
+
+
+def test_step_command_smoke(tmp_path):
+    """``python -m bench step --smoke``: real kernels through the interpreter, eager steps timed, graphs skipped on
+    CPU; the admission step and the warm-up step are excluded (the contexts say which steps were timed)."""
+    out, prompt = tmp_path / "step.json", 16
+    args = ["--smoke", "--batches", "2", "--prompt-len", str(prompt), "--warmup-steps", "1", "--steps", "1"]
+    done = run_bench("step", *args, "--out", str(out))
+    data = json.loads(out.read_text())
+    assert data["schema"] == "phaseattn-bench-step/1" and data["status"] == "complete"
+    assert data["performance_numbers"] is False and "NOT performance" in data["notice"]
+    assert "device_name" in data["environment"] and data["environment"]["git_commit"]
+    assert [m["name"] for m in data["models"]] == ["tiny", "llama8b"]
+    assert data["models"][1]["heads"] == "32/8" and data["models"][1]["head_dim"] == 128
+    rows = {(r["model"], r["batch"], r["mode"]): r for r in data["rows"]}
+    assert set(rows) == {(m, b, mode) for m in ("tiny", "llama8b") for b in (2,) for mode in ("eager", "graph")}
+    for (_, batch, mode), r in rows.items():
+        if mode == "graph":
+            assert r["status"] == "skipped: CUDA graphs need a CUDA device" and r["speedup_vs_eager"] is None
+            continue
+        assert r["status"] == "ok" and r["steps"] == 1 and r["speedup_vs_eager"] == 1.0
+        assert r["step_ms_q20"] <= r["step_ms"] <= r["step_ms_q80"] and r["step_ms"] > 0
+        assert r["tokens_per_s"] == pytest.approx(batch / r["step_ms"] * 1e3)
+        # prompt + first token in the cache; step 0 admits (writes key prompt+1), step 1 warms up, step 2 is timed
+        assert r["prompt_len"] == prompt and r["context_min"] == r["context_max"] == prompt + 3
+    assert "ms/step" in done.stdout and "tokens/s" in done.stdout and "skipped: CUDA graphs" in done.stdout
+    assert "llama8b: 2 layers, hidden 16, heads 32/8 x 128" in done.stdout
+
+
+@pytest.fixture
+def small_llama(monkeypatch):
+    """``bench.step``'s full-size builder (weights drawn in place in bf16 on the kernels' device) on a shrunken
+    Llama shape that keeps 8B's attention geometry."""
+    from bench import step
+    from kernels import _runtime
+
+    monkeypatch.setattr(step, "LLAMA3_8B", rl.ModelShape("small", 2, 256, 32, 8, 128, 512, 1000))
+    return step.llama8b_model(torch.device(_runtime.DEVICE_TYPE), smoke=False)
+
+
+def test_step_full_size_builder_path(small_llama):
+    from bench import step
+
+    c = small_llama.config
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (2, 256, 32, 8, 128)
+    assert small_llama.dtype == torch.bfloat16 and c.max_position_embeddings == 8192
+    assert all(torch.isfinite(p).all() and p.std() > 0 for p in small_llama.parameters())
+    row = step.measure(small_llama, step.Mode("eager", False, False), batch=2, prompt_len=16, warmup_steps=1, steps=1)
+    assert row["status"] == "ok" and row["context_min"] == 16 + 3 and row["step_ms"] > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_step_graph_mode_on_cuda(small_llama):
+    """On a GPU: graph rows are timed (replays after the capture, which falls in an excluded admission step)."""
+    from bench import step
+
+    rows = [
+        {"model": "small", **step.measure(small_llama, mode, batch=4, prompt_len=32, warmup_steps=2, steps=5)}
+        for mode in step.modes(with_compile=False)
+    ]
+    step.add_speedups(rows)
+    assert [r["status"] for r in rows] == ["ok", "ok"] and rows[1]["cuda_graph"] and rows[1]["steps"] == 5
+    assert rows[0]["speedup_vs_eager"] == 1.0 and rows[1]["speedup_vs_eager"] > 0
