@@ -216,12 +216,14 @@ def attend_tiles(
         qk = tl.dot(q, k.to(q.dtype), input_precision=PRECISION)
         x, x_scale = scores_and_scale(qk, qk_scale, softcap, HAS_SOFTCAP)
         if MASKED:
+            # Per-row limits relative to the tile (key start_n + j visible iff j <= pos - start_n): the per-element
+            # test is one compare of the tile's column index, no per-column key positions (cols) in registers.
             if CAUSAL:  # implies key_ok for every real row (pos < seqlen_k, and a window starts at key_lo or later)
-                visible = cols[None, :] <= pos[:, None]
+                visible = offs_n[None, :] <= (pos - start_n)[:, None]
             else:
                 visible = tl.broadcast_to(key_ok[None, :], (q.shape[0], BLOCK_N))
             if HAS_WINDOW:
-                visible &= cols[None, :] > pos[:, None] - window
+                visible &= offs_n[None, :] > (pos - window - start_n)[:, None]
             x = tl.where(visible, x, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_scaled(m_i, l_i, x, x_scale, MASKED)
         if MASKED:
