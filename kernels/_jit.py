@@ -138,6 +138,22 @@ def key_tiles(
 
 
 @triton.jit
+def all_finite(x):
+    """Whether every element of the float tile ``x`` (bfloat16, float16 or float32) is finite, as one scalar.
+
+    Integer work only: the bits with the sign cleared are below the all-ones exponent pattern exactly for finite
+    values (Inf is the pattern, NaN above it), so one max over the tile decides. Reading the bits needs no
+    conversion to fp32 (a 16-bit tile is tested in place, two elements per 32-bit register)."""
+    if x.dtype == tl.bfloat16:
+        return tl.max(x.to(tl.int16, bitcast=True) & 0x7FFF) < 0x7F80
+    elif x.dtype == tl.float16:
+        return tl.max(x.to(tl.int16, bitcast=True) & 0x7FFF) < 0x7C00
+    else:
+        tl.static_assert(x.dtype == tl.float32, "all_finite: bfloat16, float16 or float32")
+        return tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) < 0x7F800000
+
+
+@triton.jit
 def _dot_non_finite_v(
     acc, p, v, cols, pos, key_lo, key_hi, window,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
@@ -231,8 +247,9 @@ def attend_tiles(
                 v = v_base.load([start_n, 0]).to(q.dtype)
             else:
                 v = tl.load(v_ptrs, mask=d_ok[None, :] & key_ok[:, None], other=0.0).to(q.dtype)
-            # One cheap test per tile: 0·v sums to 0 unless the tile holds an Inf/NaN. Only then the exact repair.
-            if tl.sum(v.to(tl.float32) * 0.0) == 0.0:
+            # One cheap test per tile (integer max of the bits, no conversion); only a tile with an Inf/NaN takes
+            # the exact repair.
+            if all_finite(v):
                 acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
             else:
                 acc = _dot_non_finite_v(acc * alpha[:, None], p.to(q.dtype), v, cols, pos, key_lo, key_hi, window,
