@@ -248,10 +248,11 @@ def attend_tiles(
             else:
                 v = tl.load(v_ptrs, mask=d_ok[None, :] & key_ok[:, None], other=0.0).to(q.dtype)
             # One cheap test per tile; only a tile with an Inf/NaN takes the exact repair. On the descriptor path
-            # the integer max of the bits (no conversion, two elements per instruction); on the pointer path 0·v
-            # summed in fp32, which costs more instructions but, unlike the bit test, does not spill there
-            # (80 B at d128 128x64 w8 s3 on sm_80: the loaded V tile stays live in registers).
-            if DESC:
+            # at head_dim > 64 the integer max of the bits (no conversion, two elements per instruction); else 0·v
+            # summed in fp32. Measured (bench/NOTES.md, issue 17): the bit test spilled 80 B on sm_80's pointer
+            # path (d128 128x64 w8 s3), and at d64 on sm_90 it moved ptxas' address setup of the *body* loop out
+            # of uniform registers (+12 instructions per body iteration, more than it saves in long prefills).
+            if DESC and BLOCK_D >= 128:
                 v_finite = all_finite(v)
             else:
                 v_finite = tl.sum(v.to(tl.float32) * 0.0) == 0.0

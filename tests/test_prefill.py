@@ -329,12 +329,12 @@ def test_tensor_descriptor_path_reads_nothing_past_a_sequence(gen, descriptors, 
 @pytest.mark.parametrize("poison", [float("inf"), float("-inf"), float("nan")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_non_finite_value_at_a_causally_hidden_key_in_16_bit(gen, dtype, poison, desc):
-    # The masked tiles test V for Inf/NaN (on the descriptor path by its bits, per 16-bit format:
-    # kernels._jit.all_finite): key 70 of a 100-token sequence is hidden from queries 0..69, which must match the
-    # reference; the queries from 70 on see it (head 1 only) and must be non-finite.
-    q = randn(100, 2, 64, dtype=dtype, generator=gen)
-    k = randn(100, 2, 64, dtype=dtype, generator=gen)
-    v = randn(100, 2, 64, dtype=dtype, generator=gen)
+    # The masked tiles test V for Inf/NaN (on the descriptor path from head_dim 128 on by its bits, per 16-bit
+    # format: kernels._jit.all_finite): key 70 of a 100-token sequence is hidden from queries 0..69, which must
+    # match the reference; the queries from 70 on see it (head 1 only) and must be non-finite.
+    q = randn(100, 2, 128, dtype=dtype, generator=gen)
+    k = randn(100, 2, 128, dtype=dtype, generator=gen)
+    v = randn(100, 2, 128, dtype=dtype, generator=gen)
     cu = cu_seqlens([100])
     ref, _ = prefill_attention_ref(q, k, v, cu, cu)
     v[70, 1, 3] = poison
