@@ -138,6 +138,22 @@ def key_tiles(
 
 
 @triton.jit
+def all_finite(x):
+    """Whether every element of the float tile ``x`` (bfloat16, float16 or float32) is finite, as one scalar.
+
+    Integer work only: the bits with the sign cleared are below the all-ones exponent pattern exactly for finite
+    values (Inf is the pattern, NaN above it), so one max over the tile decides. Reading the bits needs no
+    conversion to fp32 (a 16-bit tile is tested in place, two elements per 32-bit register)."""
+    if x.dtype == tl.bfloat16:
+        return tl.max(x.to(tl.int16, bitcast=True) & 0x7FFF) < 0x7F80
+    elif x.dtype == tl.float16:
+        return tl.max(x.to(tl.int16, bitcast=True) & 0x7FFF) < 0x7C00
+    else:
+        tl.static_assert(x.dtype == tl.float32, "all_finite: bfloat16, float16 or float32")
+        return tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) < 0x7F800000
+
+
+@triton.jit
 def _dot_non_finite_v(
     acc, p, v, cols, pos, key_lo, key_hi, window,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
@@ -216,12 +232,14 @@ def attend_tiles(
         qk = tl.dot(q, k.to(q.dtype), input_precision=PRECISION)
         x, x_scale = scores_and_scale(qk, qk_scale, softcap, HAS_SOFTCAP)
         if MASKED:
+            # Per-row limits relative to the tile (key start_n + j visible iff j <= pos - start_n): the per-element
+            # test is one compare of the tile's column index, no per-column key positions (cols) in registers.
             if CAUSAL:  # implies key_ok for every real row (pos < seqlen_k, and a window starts at key_lo or later)
-                visible = cols[None, :] <= pos[:, None]
+                visible = offs_n[None, :] <= (pos - start_n)[:, None]
             else:
                 visible = tl.broadcast_to(key_ok[None, :], (q.shape[0], BLOCK_N))
             if HAS_WINDOW:
-                visible &= cols[None, :] > pos[:, None] - window
+                visible &= offs_n[None, :] > (pos - window - start_n)[:, None]
             x = tl.where(visible, x, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_scaled(m_i, l_i, x, x_scale, MASKED)
         if MASKED:
@@ -229,8 +247,16 @@ def attend_tiles(
                 v = v_base.load([start_n, 0]).to(q.dtype)
             else:
                 v = tl.load(v_ptrs, mask=d_ok[None, :] & key_ok[:, None], other=0.0).to(q.dtype)
-            # One cheap test per tile: 0·v sums to 0 unless the tile holds an Inf/NaN. Only then the exact repair.
-            if tl.sum(v.to(tl.float32) * 0.0) == 0.0:
+            # One cheap test per tile; only a tile with an Inf/NaN takes the exact repair. On the descriptor path
+            # at head_dim > 64 the integer max of the bits (no conversion, two elements per instruction); else 0·v
+            # summed in fp32. Measured (bench/NOTES.md, issue 17): the bit test spilled 80 B on sm_80's pointer
+            # path (d128 128x64 w8 s3), and at d64 on sm_90 it moved ptxas' address setup of the *body* loop out
+            # of uniform registers (+12 instructions per body iteration, more than it saves in long prefills).
+            if DESC and BLOCK_D >= 128:
+                v_finite = all_finite(v)
+            else:
+                v_finite = tl.sum(v.to(tl.float32) * 0.0) == 0.0
+            if v_finite:
                 acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
             else:
                 acc = _dot_non_finite_v(acc * alpha[:, None], p.to(q.dtype), v, cols, pos, key_lo, key_hi, window,
