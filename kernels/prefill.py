@@ -185,6 +185,8 @@ def default_config(head_dim: int, dtype: torch.dtype, arch: int = 90, desc: bool
     if head_dim <= 128:
         if desc:
             return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
+        if head_dim < 128 and arch < 90:  # d80-112: the head-dim masks of padded loads spilled 128x64 (8-148 B)
+            return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2 if arch >= 90 else 3}
     if desc:
         return {"BLOCK_M": 128, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
@@ -223,20 +225,30 @@ _SPILLS_FROM = {
 }
 
 
-def _fits(config: triton.Config, block_d: int, elem: int, desc: bool = True) -> bool:
+# On the pointer path a head dim below its power-of-two BLOCK_D (d80-112 in BLOCK_D 128) masks every K/V/Q/O access
+# along it, which costs registers: measured at d96 (sm_80, bf16; causal, window, window+sinks+softcap, full),
+# only these configs of TUNING_SPACE stay spill-free there (the others spilled 8-1246 B; bench/NOTES.md).
+_PADDED_POINTER_FITS = {(64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)}
+
+
+def _fits(config: triton.Config, block_d: int, elem: int, desc: bool = True, head_dim: int | None = None) -> bool:
     """Whether a tile config's shared memory (q tile + pipelined K/V tiles) fits comfortably on the SM, and its
     registers do (no spills at this head dim on the descriptor path, or the pointer path)."""
-    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    key = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+    bm, bn = key[:2]
     smem = (bm * block_d + config.num_stages * 2 * bn * block_d) * elem
-    spills_from = _SPILLS_FROM.get((bm, bn, config.num_warps, config.num_stages), (512, 512))[0 if desc else 1]
+    spills_from = _SPILLS_FROM.get(key, (512, 512))[0 if desc else 1]
+    if not desc and block_d == 128 and head_dim is not None and head_dim < block_d and key not in _PADDED_POINTER_FITS:
+        return False
     return smem <= 200 * 1024 and not (block_d >= 256 and bm * bn > 128 * 64) and block_d < spills_from
 
 
 def _prune(configs, named_args, **kwargs):
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
     desc = kwargs.get("USE_DESC", named_args.get("USE_DESC", True))
     elem = named_args["Q"].element_size()
-    return [c for c in configs if _fits(c, block_d, elem, desc)] or configs[-1:]
+    return [c for c in configs if _fits(c, block_d, elem, desc, head_dim)] or configs[-1:]
 
 
 _autotuned = triton.autotune(
