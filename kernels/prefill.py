@@ -161,8 +161,11 @@ def _ensure_allocator() -> None:
     one (torch's caching allocator) unless the caller has set their own."""
     from triton.runtime import _allocation
 
+    # Triton keeps the allocator in a ContextVar whose default is a NullAllocator instance (one shared instance,
+    # _NULL_ALLOCATOR, in 3.9; a fresh NullAllocator() in earlier releases): test the type, not the identity.
     current = getattr(_allocation, "_allocator", None)
-    if current is None or current.get() is getattr(_allocation, "_NULL_ALLOCATOR", None):
+    null = getattr(_allocation, "NullAllocator", None)
+    if current is None or null is None or isinstance(current.get(), null):
         triton.set_allocator(_scratch)
 
 

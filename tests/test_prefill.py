@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
 
 import pytest
@@ -355,3 +356,24 @@ def test_strides_tma_cannot_describe_take_the_pointer_path(gen, descriptors):
     assert rel_err(prefill_attention(q, k, v, cu, cu), ref) < TOL[torch.bfloat16]
     assert rel_err(prefill_attention(q_t, k, v, cu, cu), ref) < TOL[torch.bfloat16]
     assert descriptors == [True, False]
+
+
+@pytest.mark.parametrize("fresh_null", [True, False], ids=["null-per-context", "shared-null"])
+def test_descriptor_scratch_allocator_is_set_unless_the_caller_has_one(monkeypatch, fresh_null):
+    """Device-side tensor descriptors need Triton's global-scratch allocator: the launcher sets one when none is
+    set (whether the default is a NullAllocator instance of its own, as before triton 3.9, or the shared one), and
+    never replaces an allocator the caller set."""
+    from triton.runtime import _allocation
+
+    calls = []
+    monkeypatch.setattr(triton, "set_allocator", calls.append)
+    null = _allocation.NullAllocator() if fresh_null else getattr(_allocation, "_NULL_ALLOCATOR", None)
+
+    def ensure_with(current):
+        monkeypatch.setattr(_allocation, "_allocator", contextvars.ContextVar("_allocator", default=current))
+        prefill._ensure_allocator()
+
+    contextvars.copy_context().run(ensure_with, null or _allocation.NullAllocator())
+    assert calls == [prefill._scratch]
+    contextvars.copy_context().run(ensure_with, lambda size, alignment, stream: None)
+    assert calls == [prefill._scratch]
