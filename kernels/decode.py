@@ -410,16 +410,21 @@ def issue(
     scalars: tuple,
     constexprs: dict,
     return_lse: bool,
+    cu_seqlens_q: torch.Tensor | None = None,
 ) -> None:
     """Launch ``kernel`` (the grid-bound kernel) with the arguments of :func:`launch_spec`, then merge the split
-    partials (``partials``: float32 (batch, Hq, S, D) and (batch, Hq, S), None for one split) into out/lse."""
+    partials (``partials``: float32 (rows, Hq, S, D) and (rows, Hq, S), None for one split) into out/lse.
+
+    The paged prefill kernel launches through here too: its parameters are decode's with ``CuSeqlensQ`` after
+    ``SeqLens`` (``cu_seqlens_q``), and its ``launch_spec`` gives its own scalars and constexprs."""
     part_out, part_lse = partials or (out, lse)  # without splits never touched: the kernel writes out/lse
+    index = (seq_lens,) if cu_seqlens_q is None else (seq_lens, cu_seqlens_q)
     kernel(
         q,
         k_cache,
         v_cache,
         block_table,
-        seq_lens,
+        *index,
         out,
         lse,
         part_out,

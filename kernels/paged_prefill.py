@@ -43,8 +43,7 @@ import triton.language as tl
 from kernels import _paged, _plan, _runtime, _validate
 from kernels._jit import attend_tiles, finish_and_store, key_tiles, log2_logit_scale
 from kernels._paged import load_scale
-from kernels.decode import MAX_SPLITS, choose_num_splits
-from kernels.merge import merge_splits
+from kernels.decode import MAX_SPLITS, choose_num_splits, issue
 
 HEAD_DIMS = _validate.HEAD_DIMS
 SHORT_QUERIES = 16
@@ -55,7 +54,7 @@ MAX_GRID_YZ = _validate.MAX_GRID_YZ
 # fmt: off
 @triton.jit
 def _paged_prefill_kernel(
-    Q, KCache, VCache, BlockTable, SeqLens, CuSeqlensQ, Sinks, Out, Lse, PartOut, PartLse, k_scale, v_scale,
+    Q, KCache, VCache, BlockTable, SeqLens, CuSeqlensQ, Out, Lse, PartOut, PartLse, Sinks, k_scale, v_scale,
     stride_qt, stride_qh, stride_qd, stride_page, stride_token, stride_head, stride_cd,
     stride_btb, stride_btp, stride_sl, stride_ot, stride_oh, stride_od,
     batch, num_q_heads, qk_scale, softcap, window,
@@ -361,52 +360,6 @@ def launch_spec(
     return (batch * q_tiles, layout.num_kv_heads, num_splits), scalars, constexprs
 
 
-def issue(
-    kernel,
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    partials: tuple[torch.Tensor, torch.Tensor] | None,
-    sinks: torch.Tensor | None,
-    scales: tuple,
-    layout: _paged.CacheLayout,
-    scalars: tuple,
-    constexprs: dict,
-    return_lse: bool,
-) -> None:
-    """Launch ``kernel`` (the grid-bound kernel) with the arguments of :func:`launch_spec`, then merge the split
-    partials (``partials``: float32 (total_q, Hq, S, D) and (total_q, Hq, S), None for one split) into out/lse."""
-    part_out, part_lse = partials or (out, lse)  # without splits never touched: the kernel writes out/lse
-    kernel(
-        q,
-        k_cache,
-        v_cache,
-        block_table,
-        seq_lens,
-        cu_seqlens_q,
-        lse if sinks is None else sinks,
-        out,
-        lse,
-        part_out,
-        part_lse,
-        *scales,
-        *q.stride(),
-        *layout.strides,
-        *block_table.stride(),
-        seq_lens.stride(0),
-        *out.stride(),
-        *scalars,
-        **constexprs,
-    )
-    if partials is not None:
-        merge_splits(part_out, part_lse, out, lse, sinks, return_lse)
-
-
 def launch(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -450,8 +403,8 @@ def launch(
             _runtime.empty((total_q, num_q_heads, num_splits), torch.float32, q.device),
         )
     issue(
-        _paged_prefill_kernel[grid], q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse, partials,
-        sinks, (ks, vs), layout, scalars, constexprs, return_lse,
+        _paged_prefill_kernel[grid], q, k_cache, v_cache, block_table, seq_lens, out, lse, partials, sinks, (ks, vs),
+        layout, scalars, constexprs, return_lse, cu_seqlens_q=cu_seqlens_q,
     )  # fmt: skip
     return out, lse if return_lse else lse[:0]
 
@@ -570,7 +523,7 @@ class PagedPrefillPlan(_plan.AttentionPlan):
         out, lse = self._outputs(out, lse)
         if self._launches:
             issue(
-                self._kernel, q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, out, lse, self._partials,
-                sinks, self._scales, self.layout, self._scalars, self._constexprs, self.return_lse,
+                self._kernel, q, k_cache, v_cache, block_table, seq_lens, out, lse, self._partials, sinks,
+                self._scales, self.layout, self._scalars, self._constexprs, self.return_lse, cu_seqlens_q=cu_seqlens_q,
             )  # fmt: skip
         return (out, lse) if self.return_lse else out
