@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import platform
@@ -28,29 +29,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from disagg.config import ModelConfig
+from disagg import tiny
 from disagg.model import CausalLM
 from disagg.tiny import BOS, EOS, TRAINED_DIR
 
 SEED = 0
 
-CONFIG = ModelConfig(
-    architecture="LlamaForCausalLM",
-    vocab_size=258,
+# tiny-random's config with the trained model's sizes (written to TRAINED_DIR/config.json)
+CONFIG = dataclasses.replace(
+    tiny.CONFIG,
     hidden_size=192,
     intermediate_size=512,
-    num_layers=2,
     num_heads=6,
-    num_kv_heads=2,
     head_dim=32,
-    rms_norm_eps=1e-5,
-    rope=(("rope_theta", 10000.0), ("rope_type", "default")),
     max_position_embeddings=256,
-    windows=(None, None),
     tie_word_embeddings=True,
-    bos_token_id=BOS,
-    eos_token_ids=(EOS,),
-    torch_dtype="float32",
 )
 
 
